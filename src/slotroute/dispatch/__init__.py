@@ -1,0 +1,1 @@
+"""The dispatcher: resolves model ids and capabilities to slot endpoints."""

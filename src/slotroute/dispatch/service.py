@@ -1,0 +1,267 @@
+"""TransportService and CapabilityService: the gRPC adapters over the Dispatcher.
+
+Handlers validate input, call the core, translate its outcome into a response
+or a status with google.rpc details (domain "slotroute.dispatch.v1"), and log
+one line per decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import grpc
+
+from slotroute import rpc
+from slotroute.dispatch.dispatcher import Dispatcher, LeaseInfo, Outcome, Policy
+from slotroute.dispatch.resolver import Decision, Kind, Tier
+from slotroute.dispatch.v1 import capability_pb2 as _capability_pb2
+from slotroute.dispatch.v1 import capability_pb2_grpc as _capability_pb2_grpc
+from slotroute.dispatch.v1 import route_pb2 as _route_pb2
+from slotroute.dispatch.v1 import transport_pb2 as _transport_pb2
+from slotroute.dispatch.v1 import transport_pb2_grpc as _transport_pb2_grpc
+from slotroute.ids import InvalidModelId, check_model_id
+from slotroute.slot.states import State
+from slotroute.slot.v1 import slot_pb2 as _slot_pb2
+
+logger = logging.getLogger("slotroute.dispatch")
+
+DOMAIN = "slotroute.dispatch.v1"
+TRANSPORT_SERVICE = _transport_pb2.DESCRIPTOR.services_by_name["TransportService"].full_name
+CAPABILITY_SERVICE = _capability_pb2.DESCRIPTOR.services_by_name["CapabilityService"].full_name
+
+CAPABILITY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Seconds kept back from the caller's deadline, to answer DEADLINE_EXCEEDED with a reason.
+_DEADLINE_MARGIN = 0.05
+
+_TIERS = {
+    None: _route_pb2.TIER_UNSPECIFIED,
+    Tier.REGISTRY: _route_pb2.TIER_REGISTRY,
+    Tier.PASSTHROUGH: _route_pb2.TIER_PASSTHROUGH,
+    Tier.PREFETCH: _route_pb2.TIER_PREFETCH,
+}
+
+
+def _state(state: State | None) -> int:
+    if state is None:
+        return _slot_pb2.SLOT_STATE_UNSPECIFIED
+    return _slot_pb2.SlotState.Value(f"SLOT_STATE_{state.value}")
+
+
+def _policy(message: _route_pb2.WaitPolicy) -> Policy:
+    return Policy(no_wait=message.no_wait, no_cold_start=message.no_cold_start,
+                  lease=message.lease, lease_ttl=float(message.lease_ttl_seconds))
+
+
+def _timeout(context: grpc.aio.ServicerContext, default: float) -> float:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default
+    return max(remaining - _DEADLINE_MARGIN, 0.0)
+
+
+def _target(decision: Decision, lease: LeaseInfo | None) -> _route_pb2.Target:
+    slot = decision.slot
+    assert slot is not None
+    target = _route_pb2.Target(
+        source=decision.source,
+        slot=slot.name,
+        endpoint_url=slot.endpoint_url,
+        state=_state(slot.state),
+        revision=decision.revision,
+        model_id=slot.model_id,
+    )
+    if lease is not None:
+        target.lease.id = lease.id
+        target.lease.slot = lease.slot
+        target.lease.generation = lease.generation
+        target.lease.expire_time.FromNanoseconds(int(lease.expires_at * 1e9))
+    return target
+
+
+def outcome_status(outcome: Outcome, subject: dict[str, str]) -> grpc.Status:
+    """Translate a non-ROUTED outcome into a status; `subject` names the model or capability."""
+    decision = outcome.decision
+    metadata = dict(subject)
+    if decision.source:
+        metadata["source"] = decision.source
+    if decision.slot is not None:
+        metadata["slot"] = decision.slot.name
+        metadata["state"] = decision.slot.state.value
+
+    if outcome.load_error is not None:
+        error = outcome.load_error
+        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)
+        return rpc.rich_status(code, str(error), domain=DOMAIN, reason=error.reason or "LOAD_FAILED",
+                               metadata=metadata, retry_delay=error.retry_after)
+    if outcome.timed_out:
+        slot = decision.slot.name if decision.slot else "?"
+        return rpc.rich_status(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"slot {slot!r} was not READY before the deadline ({decision.message}); "
+            "the load goes on, retry to pick it up",
+            domain=DOMAIN, reason="LOAD_IN_PROGRESS", metadata=metadata, retry_delay=1.0,
+        )
+    if decision.kind is Kind.NOT_FOUND:
+        if decision.tiers_tried:
+            metadata["tiers_tried"] = ",".join(decision.tiers_tried)
+            metadata["close_matches"] = ",".join(decision.close_matches)
+            reason = "NO_ROUTE"
+        else:
+            metadata["known_capabilities"] = ",".join(decision.known_capabilities)
+            reason = "NO_SLOT"
+        return rpc.rich_status(grpc.StatusCode.NOT_FOUND, decision.message, domain=DOMAIN,
+                               reason=reason, metadata=metadata)
+    if decision.kind is Kind.FAILED:
+        return rpc.rich_status(grpc.StatusCode.FAILED_PRECONDITION, decision.message,
+                               domain=DOMAIN, reason="SLOT_FAILED", metadata=metadata)
+    reason = "SLOT_LOADING"
+    if decision.slot is None:
+        reason = "SOURCE_UNAVAILABLE"
+    elif decision.slot.external:
+        reason = "ENDPOINT_UNAVAILABLE"
+    return rpc.rich_status(grpc.StatusCode.UNAVAILABLE, decision.message, domain=DOMAIN,
+                           reason=reason, metadata=metadata,
+                           retry_delay=decision.retry_after if decision.retry_after is not None else 1.0)
+
+
+def _log_decision(kind: str, requested: str, outcome: Outcome | None, started: float,
+                  code: str = "OK") -> None:
+    latency_ms = (time.perf_counter() - started) * 1000
+    if outcome is None:
+        logger.info("%s requested=%r outcome=%s latency_ms=%.2f", kind, requested, code, latency_ms)
+        return
+    decision = outcome.decision
+    logger.info(
+        "%s requested=%r canonical=%r tier=%s slot=%s source=%s revision=%d outcome=%s "
+        "cold_start=%s latency_ms=%.2f",
+        kind, requested, decision.model or decision.capability,
+        decision.tier.value if decision.tier else "-",
+        decision.slot.name if decision.slot else "-", decision.source or "-",
+        decision.revision, code, outcome.cold_start, latency_ms,
+    )
+
+
+class TransportService(_transport_pb2_grpc.TransportServiceServicer):
+    def __init__(self, dispatcher: Dispatcher):
+        self._dispatcher = dispatcher
+
+    async def Resolve(self, request, context):
+        started = time.perf_counter()
+        try:
+            model = check_model_id(request.model)
+        except InvalidModelId as error:
+            _log_decision("resolve", request.model[:80], None, started, "INVALID_ARGUMENT")
+            await rpc.abort(context, rpc.rich_status(
+                grpc.StatusCode.INVALID_ARGUMENT, str(error), domain=DOMAIN,
+                reason="INVALID_MODEL_ID", metadata={"field": "model"}))
+
+        dispatcher = self._dispatcher
+        outcome = await dispatcher.resolve(
+            model, _policy(request.policy), _timeout(context, dispatcher.config.default_wait)
+        )
+        decision = outcome.decision
+        if decision.kind is not Kind.ROUTED or outcome.load_error or outcome.timed_out:
+            status = outcome_status(outcome, {"model": model})
+            _log_decision("resolve", model, outcome, started, status.code.name)
+            await rpc.abort(context, status)
+
+        _log_decision("resolve", model, outcome, started)
+        return _transport_pb2.ResolveResponse(
+            model=decision.model,
+            tier=_TIERS[decision.tier],
+            target=_target(decision, outcome.lease),
+            capability=decision.capability,
+            cold_start=outcome.cold_start,
+        )
+
+    async def ListRoutes(self, request, context):
+        routes = self._dispatcher.routes(include_prefetch=request.include_prefetch)
+        return _transport_pb2.ListRoutesResponse(routes=[
+            _transport_pb2.RouteEntry(
+                model=listing.model, aliases=listing.aliases, tier=_TIERS[listing.tier],
+                source=listing.source, slot=listing.slot, state=_state(listing.state),
+                capability=listing.capability,
+            )
+            for listing in routes
+        ])
+
+    async def ReleaseLease(self, request, context):
+        return await release_lease(self._dispatcher, request, context)
+
+
+async def release_lease(dispatcher: Dispatcher, request, context):
+    source = request.source or (next(iter(dispatcher.tables)) if len(dispatcher.tables) == 1 else "")
+    if source not in dispatcher.tables:
+        await rpc.abort(context, rpc.rich_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"unknown source {request.source!r}; pass the target's source from the Resolve "
+            f"response ({', '.join(dispatcher.tables)})",
+            domain=DOMAIN, reason="UNKNOWN_SOURCE"))
+    from slotroute.dispatch.dispatcher import LoadError
+    try:
+        released = await dispatcher.release_lease(source, request.lease_id)
+    except LoadError as error:
+        await rpc.abort(context, rpc.rich_status(
+            getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN), str(error),
+            domain=DOMAIN, reason=error.reason or "RELEASE_FAILED"))
+    return _route_pb2.ReleaseLeaseResponse(released=released)
+
+
+class CapabilityService(_capability_pb2_grpc.CapabilityServiceServicer):
+    def __init__(self, dispatcher: Dispatcher, slot_to_proto):
+        self._dispatcher = dispatcher
+        self._slot_to_proto = slot_to_proto
+
+    async def Route(self, request, context):
+        started = time.perf_counter()
+        capability = request.capability.strip()
+        if not CAPABILITY_RE.match(capability):
+            _log_decision("route", request.capability[:80], None, started, "INVALID_ARGUMENT")
+            await rpc.abort(context, rpc.rich_status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid capability {request.capability[:80]!r}; use a lower-case name such as "
+                "'chat', 'embed', 'rerank', 'stt', 'tts', 'image' or 'vision'",
+                domain=DOMAIN, reason="INVALID_CAPABILITY", metadata={"field": "capability"}))
+
+        dispatcher = self._dispatcher
+        outcome = await dispatcher.route(
+            capability, dict(request.labels), _policy(request.policy),
+            _timeout(context, dispatcher.config.default_wait),
+        )
+        decision = outcome.decision
+        if decision.kind is not Kind.ROUTED or outcome.load_error or outcome.timed_out:
+            status = outcome_status(outcome, {"capability": capability})
+            _log_decision("route", capability, outcome, started, status.code.name)
+            await rpc.abort(context, status)
+
+        _log_decision("route", capability, outcome, started)
+        return _capability_pb2.RouteResponse(
+            capability=capability,
+            target=_target(decision, outcome.lease),
+            cold_start=outcome.cold_start,
+        )
+
+    async def ListCapabilities(self, request, context):
+        grouped: dict[str, list[_capability_pb2.CapabilitySlot]] = {}
+        for table in self._dispatcher.tables.values():
+            view = table.view()
+            for slot in view.slots.values():
+                for capability in slot.capabilities:
+                    grouped.setdefault(capability, []).append(
+                        _capability_pb2.CapabilitySlot(source=view.address, slot=self._slot_to_proto(slot))
+                    )
+        return _capability_pb2.ListCapabilitiesResponse(capabilities=[
+            _capability_pb2.Capability(name=name, slots=slots) for name, slots in sorted(grouped.items())
+        ])
+
+
+def slot_info_to_proto(slot) -> _slot_pb2.Slot:
+    return _slot_pb2.Slot(
+        name=slot.name, device=slot.device, capabilities=slot.capabilities,
+        default_for=slot.default_for, labels=dict(slot.labels), state=_state(slot.state),
+        model_id=slot.model_id, endpoint_url=slot.endpoint_url, generation=slot.generation,
+        message=slot.message, external=slot.external, in_flight=slot.in_flight,
+        default_model=slot.default_model,
+    )

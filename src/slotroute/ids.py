@@ -1,0 +1,42 @@
+"""The one rule for matching model ids, shared by slotd and the dispatcher.
+
+A model id is any text of 1 to 255 characters with no control characters, so
+ids such as ``Qwen/Qwen3-8B``, ``llama3.2:1b`` or ``whisper.en`` travel as-is.
+Matching ignores surrounding whitespace and letter case: two ids match when
+their keys are equal, and the key is the NFC-normalized, stripped, casefolded
+text. The configured spelling stays the canonical id that responses and logs use.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+MAX_ID_LENGTH = 255
+
+
+class InvalidModelId(ValueError):
+    """A model id that breaks the id rule; the message names the value and the fix."""
+
+
+def model_key(model_id: str) -> str:
+    """Return the matching key of a model id."""
+    return unicodedata.normalize("NFC", model_id).strip().casefold()
+
+
+def check_model_id(model_id: str) -> str:
+    """Return the id with surrounding whitespace removed, or raise InvalidModelId."""
+    stripped = model_id.strip()
+    if not stripped:
+        raise InvalidModelId("model id is empty; pass a model id such as 'kokoro'")
+    if len(stripped) > MAX_ID_LENGTH:
+        raise InvalidModelId(
+            f"model id of {len(stripped)} characters is longer than the maximum of "
+            f"{MAX_ID_LENGTH}: {stripped[:40]!r}...; use a shorter id or an alias"
+        )
+    for index, char in enumerate(stripped):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise InvalidModelId(
+                f"model id {stripped!r} contains the control character "
+                f"U+{ord(char):04X} at position {index}; remove it"
+            )
+    return stripped

@@ -1,0 +1,127 @@
+"""slotd config loading: a valid file, and one precise message per kind of mistake."""
+
+import pytest
+from support import model, slot, write_config
+
+from slotroute.configfile import ConfigError
+from slotroute.slot.config import load_slotd_config
+
+
+def load_error(tmp_path, **kwargs) -> str:
+    path = write_config(tmp_path, **kwargs)
+    with pytest.raises(ConfigError) as raised:
+        load_slotd_config(path)
+    return str(raised.value)
+
+
+def test_valid_config_loads(tmp_path):
+    path = write_config(tmp_path, slots=[slot("a", model="m1")], models=[model("m1", ["a"])])
+    config = load_slotd_config(path)
+    assert [spec.name for spec in config.slots] == ["a"]
+    assert config.models[0].id == "m1"
+    assert config.cache_dir == (tmp_path / "models").resolve()
+    assert config.port_range == (43000, 43999)
+
+
+def test_duplicate_slot_name(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a"), slot("a")])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.slots]] name = 'a': field 'name': "
+        "duplicate name 'a'; each entry needs its own name"
+    )
+
+
+def test_unknown_device(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a", device="gpu9")])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.slots]] name = 'a': field 'device': "
+        "unknown device 'gpu9'; known devices: dev0"
+    )
+
+
+def test_model_path_outside_cache(tmp_path):
+    message = load_error(
+        tmp_path, slots=[slot("a")], models=[model("m1", ["a"], path="../../etc/passwd")],
+        create_files=False,
+    )
+    assert message.startswith(f"{tmp_path / 'box.toml'}: [[slotd.models]] id = 'm1': field 'path': "
+                              "model path '../../etc/passwd' leaves the cache directory")
+
+
+def test_absolute_model_path(tmp_path):
+    message = load_error(
+        tmp_path, slots=[slot("a")], models=[model("m1", ["a"], path="/etc/passwd")],
+        create_files=False,
+    )
+    assert "field 'path': model path '/etc/passwd' leaves the cache directory" in message
+
+
+def test_symlink_out_of_cache(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "link.bin").symlink_to("/etc/hostname")
+    message = load_error(
+        tmp_path, slots=[slot("a")], models=[model("m1", ["a"], path="link.bin")], create_files=False,
+    )
+    assert "field 'path': model path 'link.bin' resolves to /etc/hostname, outside the cache" in message
+
+
+def test_unknown_placeholder(tmp_path):
+    entry = slot("a")
+    entry["command"] = ["{python}", "-m", "x", "--port", "{prot}"]
+    message = load_error(tmp_path, slots=[entry])
+    assert message.startswith(
+        f"{tmp_path / 'box.toml'}: [[slotd.slots]] name = 'a': field 'command[4]': "
+        "unknown placeholder {prot} in '{prot}'; known: "
+    )
+
+
+def test_port_range_contains_service_port(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a")], slotd={"listen": "127.0.0.1:43500"})
+    assert message == (
+        f"{tmp_path / 'box.toml'}: slotd: field 'ports': port range 43000-43999 contains the "
+        "service port 43500; move the range or the service's listen address"
+    )
+
+
+def test_port_range_contains_dispatcher_port(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a")], dispatcher={"listen": "127.0.0.1:43001"})
+    assert "field 'ports': port range 43000-43999 contains the service port 43001" in message
+
+
+def test_misspelled_field(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a", capabilites=["chat"])])
+    assert message.startswith(
+        f"{tmp_path / 'box.toml'}: [[slotd.slots]] name = 'a': field 'capabilites': unknown field"
+    )
+
+
+def test_duplicate_model_ids_ignore_case(tmp_path):
+    message = load_error(
+        tmp_path, slots=[slot("a")], models=[model("Qwen", ["a"]), model("qwen ", ["a"], path="x.bin")],
+    )
+    assert "field 'id': duplicate model id 'qwen' (matches 'Qwen'" in message
+
+
+def test_default_model_not_in_catalog(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a", model="ghost")])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.slots]] name = 'a': field 'default_model': "
+        "unknown model 'ghost'; catalog models: none declared"
+    )
+
+
+def test_invalid_toml_names_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[slotd\n")
+    with pytest.raises(ConfigError) as raised:
+        load_slotd_config(path)
+    assert str(raised.value).startswith(f"{path}: file: invalid TOML: ")
+
+
+def test_example_box_is_valid():
+    from support import repo_root
+
+    config = load_slotd_config(repo_root() / "examples" / "box.toml")
+    assert [spec.name for spec in config.slots] == [
+        "agent", "utility", "embed", "rerank", "stt", "tts", "img", "vision"
+    ]
