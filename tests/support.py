@@ -21,8 +21,10 @@ from slotroute.slot.app import Slotd
 from slotroute.slot.config import load_slotd_config
 from slotroute.slot.v1 import slot_pb2, slot_pb2_grpc
 
-# Backend ports for tests; far from the example box's 41000 range.
-TEST_PORTS = "43000-43999"
+# Backend ports for tests: a 500-port range picked per test process, so that
+# test runs in parallel (and the example box's 41000 range) do not collide.
+_PORT_BASE = 43000 + (os.getpid() % 20) * 500
+TEST_PORTS = f"{_PORT_BASE}-{_PORT_BASE + 499}"
 
 
 def standin(capability: str = "chat", *, load_delay: float = 0.05, extra: Sequence[str] = ()) -> list[str]:
@@ -89,6 +91,8 @@ def write_config(
             "ports": TEST_PORTS,
             "cache_dir": "models",
             "heartbeat_interval": 0.2,
+            # Metrics off: the fixed default ports would collide between tests.
+            "metrics_listen": "",
             "shutdown_grace": 5.0,
             **(slotd or {}),
             "devices": list(devices or [{"name": "dev0", "memory": "64GiB"}]),
@@ -102,6 +106,8 @@ def write_config(
             "staleness": 2.0,
             "reconnect_backoff": 0.02,
             "reconnect_backoff_max": 0.1,
+            # Metrics off: the fixed default ports would collide between tests.
+            "metrics_listen": "",
             **(dispatcher or {}),
             "models": list(registry),
         }
@@ -122,8 +128,9 @@ async def running_slotd(config_path: pathlib.Path, listen: str | None = None):
 
 
 @contextlib.asynccontextmanager
-async def running_dispatcher(config_path: pathlib.Path, sources: Sequence[str]):
-    server = DispatcherServer(load_dispatcher_config(config_path, sources=list(sources)))
+async def running_dispatcher(config_path: pathlib.Path, sources: Sequence[str], listen: str | None = None):
+    """Start a real dispatcher on the config's listen address (or `listen`); stop it on exit."""
+    server = DispatcherServer(load_dispatcher_config(config_path, listen=listen, sources=list(sources)))
     await server.start()
     try:
         yield server

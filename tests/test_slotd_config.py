@@ -1,7 +1,7 @@
 """slotd config loading: a valid file, and one precise message per kind of mistake."""
 
 import pytest
-from support import model, slot, write_config
+from support import _PORT_BASE, TEST_PORTS, model, slot, write_config
 
 from slotroute.configfile import ConfigError
 from slotroute.slot.config import load_slotd_config
@@ -20,7 +20,7 @@ def test_valid_config_loads(tmp_path):
     assert [spec.name for spec in config.slots] == ["a"]
     assert config.models[0].id == "m1"
     assert config.cache_dir == (tmp_path / "models").resolve()
-    assert config.port_range == (43000, 43999)
+    assert config.port_range == (_PORT_BASE, _PORT_BASE + 499)
 
 
 def test_duplicate_slot_name(tmp_path):
@@ -76,16 +76,18 @@ def test_unknown_placeholder(tmp_path):
 
 
 def test_port_range_contains_service_port(tmp_path):
-    message = load_error(tmp_path, slots=[slot("a")], slotd={"listen": "127.0.0.1:43500"})
+    service_port = _PORT_BASE + 250
+    message = load_error(tmp_path, slots=[slot("a")], slotd={"listen": f"127.0.0.1:{service_port}"})
     assert message == (
-        f"{tmp_path / 'box.toml'}: slotd: field 'ports': port range 43000-43999 contains the "
-        "service port 43500; move the range or the service's listen address"
+        f"{tmp_path / 'box.toml'}: slotd: field 'ports': port range {TEST_PORTS} contains the "
+        f"service port {service_port}; move the range or the service's listen address"
     )
 
 
 def test_port_range_contains_dispatcher_port(tmp_path):
-    message = load_error(tmp_path, slots=[slot("a")], dispatcher={"listen": "127.0.0.1:43001"})
-    assert "field 'ports': port range 43000-43999 contains the service port 43001" in message
+    message = load_error(tmp_path, slots=[slot("a")],
+                         dispatcher={"listen": f"127.0.0.1:{_PORT_BASE + 1}"})
+    assert f"field 'ports': port range {TEST_PORTS} contains the service port {_PORT_BASE + 1}" in message
 
 
 def test_misspelled_field(tmp_path):

@@ -56,8 +56,10 @@ class PortAllocator:
             "widen [slotd] ports or stop what holds them"
         )
 
-    def release(self, port: int) -> None:
-        self._owners.pop(port, None)
+    def release(self, port: int, owner: str | None = None) -> None:
+        """Free `port`; with `owner` given, only if that slot still owns it."""
+        if owner is None or self._owners.get(port) == owner:
+            self._owners.pop(port, None)
 
     def owner(self, port: int) -> str | None:
         return self._owners.get(port)

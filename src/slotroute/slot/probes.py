@@ -34,6 +34,9 @@ async def probe(spec: ProbeSpec, host: str, port: int) -> tuple[ProbeResult, str
         return ProbeResult.NOT_READY, f"probe timed out after {spec.timeout} s"
     except OSError as error:
         return ProbeResult.REFUSED, error.strerror or str(error)
+    except ValueError:
+        # StreamReader.readline() raises ValueError for a line over its 64 KiB limit.
+        return ProbeResult.NOT_READY, "not an HTTP answer: no line end in the first 64 KiB"
 
 
 async def _probe_tcp(host: str, port: int) -> tuple[ProbeResult, str]:
@@ -110,6 +113,9 @@ def listener_pid(pid: int, port: int) -> int | None:
 
     Used to report READY only for an answer from the process slotd started,
     not from another program that happens to hold the port.
+
+    NOTE: a backend whose listening socket belongs to a process outside its
+    tree, such as a container runtime's port proxy, never passes this check.
     """
     try:
         root = psutil.Process(pid)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import dataclasses
+import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,6 +39,13 @@ logger = logging.getLogger("slotroute.slot")
 _PR_SET_PDEATHSIG = 1
 _PORT_FREE_TIMEOUT = 2.0
 _STDERR_DRAIN_TIMEOUT = 0.5
+# Seconds to wait for the members of a process group to die after SIGKILL.
+_GROUP_EXIT_TIMEOUT = 1.0
+# Bytes read from a backend's stdout or stderr pipe at a time.
+_READ_CHUNK_BYTES = 64 * 1024
+# Maximum length in bytes of a line kept from a backend's output. The rest of a longer
+# line is dropped.
+MAX_LINE_BYTES = 4096
 # A slot that stayed READY this long has its restart count reset by the next crash.
 _STABLE_AFTER = 60.0
 
@@ -60,25 +68,137 @@ class StartFailed(Exception):
         self.status = status
 
 
-def _parent_death_signal_setter():
-    """Build a preexec function that makes the child get SIGKILL when slotd dies.
+# Program that `python -I -S -c` runs as `SHIM SLOTD_PID ARGV...`. It sets the Linux
+# parent-death signal (prctl PR_SET_PDEATHSIG, kept across execve) so that the kernel
+# sends it SIGKILL when slotd dies, then it becomes ARGV. It replaces a subprocess
+# preexec_fn, because Python code between fork and exec crashes children: with a busy
+# grpc.aio server in the parent, 12 of 60 children got SIGSEGV (grpcio 1.85.3, CPython
+# 3.11.7, one measured run).
+_PARENT_DEATH_SHIM = f"""\
+import ctypes, os, signal, sys
+parent, argv = int(sys.argv[1]), sys.argv[2:]
+try:
+    ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    os.execvp(argv[0], argv)
+except OSError as error:
+    sys.stderr.write(f"error: cannot launch {{argv[0]!r}}: {{error.strerror or error}}\\n")
+    sys.exit(127)
+"""
 
-    The libc lookup happens here, in the parent, so that the child only makes
-    one system call between fork and exec.
+
+class _ExitWatchingProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Subprocess stream protocol whose `exited` future resolves when the child is reaped.
+
+    In CPython 3.11, Process.wait() returns only after the child exited and its
+    stdout and stderr pipes closed. A grandchild that inherited the pipes would
+    hide the exit, so the supervisor waits on `exited` instead.
     """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
 
-    def set_parent_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        # The parent may have died before prctl took effect.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(limit=_READ_CHUNK_BYTES, loop=loop)
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self._subprocess: asyncio.SubprocessTransport | None = None
 
-    return set_parent_death_signal
+    def connection_made(self, transport) -> None:
+        self._subprocess = transport
+        super().connection_made(transport)
+
+    def process_exited(self) -> None:
+        assert self._subprocess is not None
+        code = self._subprocess.get_returncode()
+        super().process_exited()
+        if not self.exited.done() and code is not None:
+            self.exited.set_result(code)
+
+
+async def _spawn(
+    argv: list[str], env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, asyncio.Future[int]]:
+    """Start argv without a shell, in a new process group that dies with slotd.
+
+    Returns the process and a future that resolves to its return code as soon
+    as it exits (negative for a signal). Raises OSError when argv[0] is not an
+    executable file on the PATH of `env`.
+    """
+    if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+        raise OSError(errno.ENOENT, "not found, or not an executable file, on PATH")
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _ExitWatchingProtocol(loop),
+        sys.executable, "-I", "-S", "-c", _PARENT_DEATH_SHIM, str(os.getpid()), *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    return asyncio.subprocess.Process(transport, protocol, loop), protocol.exited
+
+
+class LineSplitter:
+    """Split a backend's output bytes into text lines for the log and the stderr tail.
+
+    Lines end at "\\n" or "\\r\\n". Text before a "\\r" inside a line is dropped,
+    because a terminal overwrites it, so a progress bar leaves only its last
+    state. A line longer than `max_bytes` is cut there, marked " [line cut]",
+    and the rest of it is dropped, so a backend that never ends a line costs at
+    most `max_bytes` of memory here.
+    """
+
+    def __init__(self, max_bytes: int = MAX_LINE_BYTES):
+        self._max_bytes = max_bytes
+        self._partial = bytearray()
+        self._cut = False
+
+    def feed(self, data: bytes) -> list[str]:
+        """Add bytes and return the lines they complete."""
+        lines = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._append(data[start:end])
+            lines.append(self._take())
+            start = end + 1
+        self._append(data[start:])
+        return lines
+
+    def finish(self) -> list[str]:
+        """Return the last line when the output ended without a newline."""
+        if not self._partial and not self._cut:
+            return []
+        return [self._take()]
+
+    def _append(self, piece: bytes) -> None:
+        if self._cut:
+            return
+        self._partial += piece
+        if len(self._partial) <= self._max_bytes:
+            return
+        visible = _overwrite(self._partial)
+        # Keep a final "\r", because the text that follows it still overwrites the line.
+        ends_in_return = self._partial.endswith(b"\r")
+        if len(visible) > self._max_bytes:
+            visible = visible[:self._max_bytes]
+            ends_in_return = False
+            self._cut = True
+        self._partial[:] = visible + (b"\r" if ends_in_return else b"")
+
+    def _take(self) -> str:
+        text = _overwrite(self._partial).decode("utf-8", "replace").rstrip()
+        if self._cut:
+            text += " [line cut]"
+        self._partial.clear()
+        self._cut = False
+        return text
+
+
+def _overwrite(line: bytes | bytearray) -> bytes:
+    """Return what a terminal shows of `line`: the text after its last inner "\\r"."""
+    return bytes(line).rstrip(b"\r").rpartition(b"\r")[2]
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -106,7 +226,7 @@ class Supervisor:
         self._stable_after = stable_after
         self._lifecycle = asyncio.Lock()
         self._process: asyncio.subprocess.Process | None = None
-        self._exit_wait: asyncio.Task[int] | None = None
+        self._exit_wait: asyncio.Future[int] | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._stderr_pump: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[SlotStatus] | None = None
@@ -159,6 +279,8 @@ class Supervisor:
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._ready = future
         self._launch = launch
+        # A failure before the new process writes must not show the old process's stderr.
+        self._tail = collections.deque(maxlen=self._tail_lines)
         previous = self.status
         restart_count = previous.failure.restart_count if previous.failure else 0
 
@@ -182,7 +304,8 @@ class Supervisor:
         }
         argv = [render(part, values) for part in (*self.spec.command, *launch.args)]
         env = {**os.environ, **{key: render(value, values) for key, value in self.spec.env.items()}}
-        host = f"[{self.spec.host}]" if ":" in self.spec.host else self.spec.host
+        advertised = self.spec.advertise_host or self.spec.host
+        host = f"[{advertised}]" if ":" in advertised else advertised
         started = self._table.transition(
             self.name, (State.OFFLINE, State.ERROR), State.STARTING,
             reason=reason,
@@ -197,24 +320,15 @@ class Supervisor:
             if previous.failure else None,
         )
         if started is None:
-            self._ports.release(port)
+            self._ports.release(port, self.name)
             future.set_exception(StartFailed(self.status))
             return future
 
         # Launch without a shell, in a new process group that dies with slotd.
-        self._tail = collections.deque(maxlen=self._tail_lines)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_parent_death_signal_setter(),
-            )
+            process, exited = await _spawn(argv, env)
         except OSError as error:
-            self._ports.release(port)
+            self._ports.release(port, self.name)
             message = f"cannot launch {argv[0]!r}: {error.strerror or error}; check the slot's command"
             self._fail(generation, Reason.LAUNCH_FAILED, message, None, None, restart_count)
             return future
@@ -222,7 +336,7 @@ class Supervisor:
         logger.debug("slot=%s generation=%d launched pid=%d argv=%s",
                      self.name, generation, process.pid, argv)
         self._process = process
-        self._exit_wait = asyncio.create_task(process.wait())
+        self._exit_wait = exited
         self._table.update(self.name, pid=process.pid)
         self._run_task = asyncio.create_task(
             self._run(process, generation, port), name=f"slot-{self.name}-{generation}"
@@ -245,14 +359,15 @@ class Supervisor:
             reason=reason, message=f"starting {launch.model_id}",
             model_id=launch.model_id, generation=generation,
             reserved_bytes=launch.reserved_bytes,
+            port=0, endpoint_url="", pid=0,
         )
         self._fail(generation, Reason.LAUNCH_FAILED, message, None, None, restart_count)
 
     async def _run(self, process: asyncio.subprocess.Process, generation: int, port: int) -> None:
         assert process.stderr is not None and process.stdout is not None
         pumps = [
-            asyncio.create_task(self._pump(process.stderr, generation, keep=True)),
-            asyncio.create_task(self._pump(process.stdout, generation, keep=False)),
+            asyncio.create_task(self._pump(process.stderr, generation, "stderr", self._tail)),
+            asyncio.create_task(self._pump(process.stdout, generation, "stdout", None)),
         ]
         self._stderr_pump = pumps[0]
         try:
@@ -264,16 +379,29 @@ class Supervisor:
             for pump in pumps:
                 pump.cancel()
 
-    async def _pump(self, stream: asyncio.StreamReader, generation: int, keep: bool) -> None:
+    async def _pump(
+        self,
+        stream: asyncio.StreamReader,
+        generation: int,
+        stream_name: str,
+        tail: collections.deque[str] | None,
+    ) -> None:
+        """Read a pipe to its end, logging each line and keeping it in `tail` if given.
+
+        The pipe is read even when its lines are not kept, because a backend
+        blocks once the pipe buffer is full.
+        """
+        splitter = LineSplitter()
         while True:
-            line = await stream.readline()
-            if not line:
+            chunk = await stream.read(_READ_CHUNK_BYTES)
+            lines = splitter.feed(chunk) if chunk else splitter.finish()
+            for text in lines:
+                if tail is not None:
+                    tail.append(text)
+                logger.debug("slot=%s generation=%d %s: %s",
+                             self.name, generation, stream_name, text)
+            if not chunk:
                 return
-            text = line.decode("utf-8", "replace").rstrip()
-            if keep:
-                self._tail.append(text)
-            logger.debug("slot=%s generation=%d %s: %s",
-                         self.name, generation, "stderr" if keep else "stdout", text)
 
     async def _await_ready(self, process: asyncio.subprocess.Process, generation: int, port: int) -> bool:
         """Probe until READY; return False when the start failed or was stopped."""
@@ -281,6 +409,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.start_timeout
         detail = "no answer yet"
+        owned = False
         while True:
             if self._exit_wait.done():
                 await self._on_exit(process, generation, during_start=True)
@@ -289,9 +418,10 @@ class Supervisor:
             result, detail = await probes.probe(self.spec.probe, self.spec.host, port)
             if not self._is_current(generation) or self.status.state not in LOADING_STATES:
                 return False
-            if result is probes.ProbeResult.READY:
-                owner = probes.listener_pid(process.pid, port)
-                if owner is None:
+            # A response counts only once the backend's own process tree listens on the port.
+            if result is not probes.ProbeResult.REFUSED and not owned:
+                owned = probes.listener_pid(process.pid, port) is not None
+                if not owned:
                     result = probes.ProbeResult.NOT_READY
                     detail = (f"port {port} answered, but process {process.pid} does not listen "
                               "on it; another program holds the port")
@@ -313,6 +443,8 @@ class Supervisor:
 
             remaining = deadline - loop.time()
             if remaining <= 0:
+                if self._exit_wait.done():
+                    continue  # The exit explains the failure better, and the loop start reports it.
                 await self._kill_for_failure(process, generation)
                 message = f"not ready after {self.spec.start_timeout:g} s (last probe: {detail})"
                 self._fail(generation, Reason.START_TIMEOUT, message, None, None,
@@ -351,12 +483,17 @@ class Supervisor:
                 )
 
     async def _on_exit(self, process: asyncio.subprocess.Process, generation: int, during_start: bool) -> None:
-        if self._stopping_generation == generation or not self._is_current(generation):
+        """Report an exit that no stop requested.
+
+        The run task calls this at most once per generation.
+        """
+        if not self._is_current(generation):
             return  # stop() owns the state of a process it is stopping.
-        code = process.returncode
-        assert code is not None
+        assert self._exit_wait is not None
+        code = self._exit_wait.result()
         # Kill what is left of the group, then let the last stderr lines arrive.
         _kill_group(process.pid, signal.SIGKILL)
+        await _wait_group_gone(process.pid, _GROUP_EXIT_TIMEOUT)
         if self._stderr_pump is not None:
             await asyncio.wait([self._stderr_pump], timeout=_STDERR_DRAIN_TIMEOUT)
         if not self._is_current(generation):
@@ -400,10 +537,12 @@ class Supervisor:
         next_retry_at = None
         delay = 0.0
         if not exhausted:
+            # Jitter (±20 %) spreads restarts of slots that failed together;
+            # the maximum applies after it, so no delay exceeds restart_backoff_max.
             delay = min(
                 self.spec.restart_backoff_max,
-                self.spec.restart_backoff * 2 ** (restart_count - 1),
-            ) * random.uniform(0.8, 1.2)
+                self.spec.restart_backoff * 2 ** (restart_count - 1) * random.uniform(0.8, 1.2),
+            )
             next_retry_at = time.time() + delay
         else:
             message += f"; {self.spec.max_restarts} restarts spent, load the slot again to retry"
@@ -416,28 +555,30 @@ class Supervisor:
             next_retry_at=next_retry_at,
             restarts_exhausted=exhausted,
         )
-        if status.port:
-            self._ports.release(status.port)
         failed = self._table.transition(
             self.name, (State.STARTING, State.WARMING, State.READY, State.DRAINING), State.ERROR,
             reason=reason, message=message, failure=failure, pid=0,
             reserved_bytes=0 if exhausted else status.reserved_bytes,
         )
+        if failed is None:
+            return  # A stop began meanwhile, and it releases the port itself.
+        if status.port:
+            self._ports.release(status.port, self.name)
         self._process = None
         self._ready_since = None
-        if failed is None:
-            return
         self._resolve_error(failed)
         if next_retry_at is not None and self._launch is not None:
             self._retry_task = asyncio.create_task(self._retry_later(self._launch, delay))
 
     async def _retry_later(self, launch: Launch, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._retry_task = None
-        if self.status.state is not State.ERROR:
-            return
-        with contextlib.suppress(StartFailed):
-            await self.start(launch, Reason.RESTART)
+        async with self._lifecycle:
+            # Check under the lock, because a stop or a load may have run since the failure.
+            if self.status.state is not State.ERROR:
+                return
+            # From here on a stop must wait for the launch instead of cancelling it.
+            self._retry_task = None
+            await self._launch_process(launch, Reason.RESTART)
 
     def _cancel_retry(self) -> None:
         task = self._retry_task
@@ -486,7 +627,7 @@ class Supervisor:
                     await self._run_task
             if status.port:
                 await self._wait_port_free(status.port)
-                self._ports.release(status.port)
+                self._ports.release(status.port, self.name)
 
             self._process = None
             self._ready_since = None
@@ -497,16 +638,22 @@ class Supervisor:
             return offline or self.status
 
     async def _terminate(self, process: asyncio.subprocess.Process) -> None:
+        """SIGTERM the process group; SIGKILL what is left of it after the grace period."""
         assert self._exit_wait is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.stop_grace
         _kill_group(process.pid, signal.SIGTERM)
-        done, _ = await asyncio.wait([self._exit_wait], timeout=self.spec.stop_grace)
-        if not done:
-            logger.warning("slot=%s pid=%d still running %.1f s after SIGTERM; sending SIGKILL",
-                           self.name, process.pid, self.spec.stop_grace)
+        await asyncio.wait([self._exit_wait], timeout=self.spec.stop_grace)
+        # The leader's children get the rest of the grace period.
+        group_gone = self._exit_wait.done() and await _wait_group_gone(
+            process.pid, max(deadline - loop.time(), 0.0)
+        )
+        if not group_gone:
+            logger.warning("slot=%s process group %d still running %.1f s after SIGTERM; "
+                           "sending SIGKILL", self.name, process.pid, self.spec.stop_grace)
             _kill_group(process.pid, signal.SIGKILL)
             await self._exit_wait
-        # Children that outlived the group leader.
-        _kill_group(process.pid, signal.SIGKILL)
+            await _wait_group_gone(process.pid, _GROUP_EXIT_TIMEOUT)
 
     async def _kill_for_failure(self, process: asyncio.subprocess.Process, generation: int) -> None:
         self._stopping_generation = generation
@@ -548,6 +695,52 @@ class Supervisor:
 def _kill_group(pgid: int, signal_number: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal_number)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Return the pids of the live processes in process group `pgid`, not counting zombies.
+
+    Reads /proc (Linux). Without /proc it returns [] once no process of the
+    group exists, and [pgid] while any does.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return [pgid]
+    members = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # After the command name in brackets: state, parent pid, process group.
+        fields = stat.rpartition(b")")[2].split()
+        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
+            members.append(int(name))
+    return members
+
+
+async def _wait_group_gone(pgid: int, max_wait: float) -> bool:
+    """Wait up to `max_wait` seconds until process group `pgid` has no live process.
+
+    Returns False when some process of the group still lives at the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
+    while _group_members(pgid):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def _signal_name(number: int) -> str:
