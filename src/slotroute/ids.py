@@ -1,7 +1,12 @@
 """The one rule for matching model ids, shared by slotd and the dispatcher.
 
-A model id is any text of 1 to 255 characters with no control characters, so
-ids such as ``Qwen/Qwen3-8B``, ``llama3.2:1b`` or ``whisper.en`` travel as-is.
+A model id is any text of 1 to 255 characters (code points, after surrounding
+whitespace is removed) with no control characters, so ids such as
+``Qwen/Qwen3-8B``, ``llama3.2:1b`` or ``whisper.en`` travel as-is. Control
+characters here are the Unicode categories Cc (C0 and C1 controls), Cf
+(invisible format characters such as U+200B), Cs, Co and Cn (surrogates,
+private-use and unassigned code points) and the separators Zl and Zp.
+
 Matching ignores surrounding whitespace and letter case: two ids match when
 their keys are equal, and the key is the NFC-normalized, stripped, casefolded
 text. The configured spelling stays the canonical id that responses and logs use.
@@ -23,6 +28,10 @@ def model_key(model_id: str) -> str:
     return unicodedata.normalize("NFC", model_id).strip().casefold()
 
 
+# Unicode categories rejected in ids; see the module docstring.
+_REJECTED_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
 def check_model_id(model_id: str) -> str:
     """Return the id with surrounding whitespace removed, or raise InvalidModelId."""
     stripped = model_id.strip()
@@ -34,7 +43,7 @@ def check_model_id(model_id: str) -> str:
             f"{MAX_ID_LENGTH}: {stripped[:40]!r}...; use a shorter id or an alias"
         )
     for index, char in enumerate(stripped):
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        if unicodedata.category(char) in _REJECTED_CATEGORIES:
             raise InvalidModelId(
                 f"model id {stripped!r} contains the control character "
                 f"U+{ord(char):04X} at position {index}; remove it"

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from slotroute import rpc
+from slotroute import metrics, rpc, security
 from slotroute.dispatch.config import DispatcherConfig
 from slotroute.dispatch.dispatcher import Dispatcher
 from slotroute.dispatch.service import (
@@ -29,22 +29,31 @@ class DispatcherServer:
 
     def __init__(self, config: DispatcherConfig):
         self.config = config
-        self.channels = Channels()
+        # Raises SecurityError, before anything binds, on a plaintext non-loopback listen
+        # address or an unreadable certificate or token.
+        self.security, upstream = security.dispatcher_security(config)
+        self.channels = Channels(upstream.credentials)
         self.tables = {address: SourceTable(address) for address in config.sources}
-        self.dispatcher = Dispatcher(config, self.tables, SlotdBackend(self.channels))
+        self.dispatcher = Dispatcher(config, self.tables,
+                                     SlotdBackend(self.channels, metadata=upstream.metadata))
         self.subscribers = [
             Subscriber(table, self.channels, backoff=config.reconnect_backoff,
-                       backoff_max=config.reconnect_backoff_max)
+                       backoff_max=config.reconnect_backoff_max, watch_timeout=config.watch_timeout,
+                       metadata=upstream.metadata)
             for table in self.tables.values()
         ]
-        self.transport = TransportService(self.dispatcher)
-        self.capability = CapabilityService(self.dispatcher, slot_info_to_proto)
+        self.metrics = metrics.DispatcherMetrics(self.tables)
+        self.transport = TransportService(self.dispatcher, observer=self.metrics.on_decision)
+        self.capability = CapabilityService(self.dispatcher, slot_info_to_proto,
+                                            observer=self.metrics.on_decision)
 
         def register(server) -> None:
             _transport_pb2_grpc.add_TransportServiceServicer_to_server(self.transport, server)
             _capability_pb2_grpc.add_CapabilityServiceServicer_to_server(self.capability, server)
 
-        self.service = rpc.Service(config.listen, [TRANSPORT_SERVICE, CAPABILITY_SERVICE], register)
+        self.service = rpc.Service(config.listen, [TRANSPORT_SERVICE, CAPABILITY_SERVICE], register,
+                                   interceptors=self.security.interceptors,
+                                   credentials=self.security.credentials)
         self._tasks: list[asyncio.Task[None]] = []
         self._serving = False
         for table in self.tables.values():
@@ -61,6 +70,9 @@ class DispatcherServer:
             logger.info("dispatcher serving: all %d sources synced", len(self.tables))
 
     async def start(self) -> None:
+        self.metrics.serve(self.config.ops.metrics_listen)
+        logger.info("dispatcher transport: %s; to slotd: %s; metrics: %s", self.security.summary,
+                    "tls" if self.config.slotd_tls else "plaintext", self.metrics.url or "off")
         await self.service.set_serving(False)
         await self.service.start()
         self._tasks = [asyncio.create_task(subscriber.run()) for subscriber in self.subscribers]
@@ -76,7 +88,9 @@ class DispatcherServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.service.stop(grace=1.0)
+        await self.dispatcher.close()
         await self.channels.close()
+        await self.metrics.close()
         logger.info("dispatcher stopped")
 
 

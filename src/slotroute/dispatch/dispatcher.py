@@ -1,15 +1,16 @@
 """The dispatcher's core loop: ask the resolver, then answer, wait or load, and ask again.
 
-Waiting is bounded by the caller's timeout. Concurrent requests that need the
-same cold start share one load call per (source, slot, model). Calls to slotd
-go through a `Backend` that the gRPC layer provides, so this module does not
-import grpc.
+Waiting is bounded by the caller's deadline and by max_wait. Concurrent
+requests that need the same cold start share one load call per (source, slot,
+model). Calls to slotd go through a `Backend` that the gRPC layer provides, so
+this module does not import grpc.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -18,6 +19,8 @@ from slotroute.dispatch.config import DispatcherConfig
 from slotroute.dispatch.resolver import Decision, Kind, Registry, list_routes, resolve, route
 from slotroute.dispatch.sources import SourceTable, SourceView
 from slotroute.ids import model_key
+
+logger = logging.getLogger("slotroute.dispatch")
 
 
 class LoadError(Exception):
@@ -39,7 +42,7 @@ class LeaseInfo:
 
 
 class Backend(Protocol):
-    async def load(self, source: str, slot: str, model_id: str, timeout: float) -> None: ...
+    async def load(self, source: str, slot: str, model_id: str, rpc_timeout: float) -> None: ...
 
     async def acquire_lease(self, source: str, slot: str, ttl: float) -> LeaseInfo: ...
 
@@ -64,6 +67,8 @@ class Outcome:
     lease: LeaseInfo | None = None
     # Set when a load call failed: the slotd status to pass on.
     load_error: LoadError | None = None
+    # ErrorInfo reason for an UNAVAILABLE decision, when its slot state alone does not tell it.
+    reason: str = ""
 
 
 class Dispatcher:
@@ -113,38 +118,42 @@ class Dispatcher:
 
     # -- acting on decisions ----------------------------------------------------
 
-    async def resolve(self, model: str, policy: Policy, timeout: float) -> Outcome:
-        return await self._settle(lambda: self.decide_resolve(model), policy, timeout)
+    async def resolve(self, model: str, policy: Policy, wait_limit: float) -> Outcome:
+        """Resolve a model id, waiting at most `wait_limit` seconds (and max_wait) for a load."""
+        return await self._settle(lambda: self.decide_resolve(model), policy, wait_limit)
 
     async def route(self, capability: str, labels: Mapping[str, str], policy: Policy,
-                    timeout: float) -> Outcome:
-        return await self._settle(lambda: self.decide_route(capability, labels), policy, timeout)
+                    wait_limit: float) -> Outcome:
+        """Route a capability, waiting at most `wait_limit` seconds (and max_wait) for a load."""
+        return await self._settle(lambda: self.decide_route(capability, labels), policy, wait_limit)
 
-    async def _settle(self, decide: Callable[[], Decision], policy: Policy, timeout: float) -> Outcome:
+    async def _settle(self, decide: Callable[[], Decision], policy: Policy,
+                      wait_limit: float) -> Outcome:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(timeout, self.config.max_wait)
+        deadline = loop.time() + min(wait_limit, self.config.max_wait)
         cold_start = False
         # The tier that found the route: a prefetch stays PREFETCH once the slot is READY.
         tier = None
         while True:
             decision = decide()
+            # Changes from here on wake the waits below, even if they land during the load call.
+            changed = self._changed
             if decision.kind is Kind.ROUTED:
                 if tier is not None and decision.tier is not None:
                     decision = dataclasses.replace(decision, tier=tier)
                 return await self._routed(decision, policy, cold_start)
             if decision.kind not in (Kind.WAIT, Kind.LOAD):
                 return Outcome(decision, cold_start=cold_start)
-
-            if decision.kind is Kind.LOAD and policy.no_cold_start:
-                return Outcome(dataclasses.replace(
-                    decision, kind=Kind.UNAVAILABLE, retry_after=None,
-                    message=f"{decision.message}: that needs a cold start and the caller set no_cold_start",
-                ))
-            # Changes from here on wake the wait below, even if they land during the load call.
-            changed = self._changed
             tier = tier or decision.tier
+
             if decision.kind is Kind.LOAD:
-                load = self._shared_load(decision, deadline - loop.time())
+                if policy.no_cold_start:
+                    return Outcome(dataclasses.replace(
+                        decision, kind=Kind.UNAVAILABLE, retry_after=None,
+                        message=f"{decision.message}: that needs a cold start and the caller set "
+                                "no_cold_start",
+                    ), reason="COLD_START_REFUSED")
+                load = self._shared_load(decision)
                 if policy.no_wait:
                     return Outcome(dataclasses.replace(
                         decision, kind=Kind.UNAVAILABLE, retry_after=1.0,
@@ -156,35 +165,52 @@ class Dispatcher:
                 except TimeoutError:
                     return Outcome(decision, cold_start=True, timed_out=True)
                 except LoadError as error:
+                    # The load call's own timeout (max_wait) ended it; slotd goes on loading.
+                    if error.code == "DEADLINE_EXCEEDED":
+                        return Outcome(decision, cold_start=True, timed_out=True)
                     return Outcome(decision, cold_start=True, load_error=error)
-                continue
-            if policy.no_wait:
+                # slotd reported the slot READY. Wait for the watch stream to bring that state
+                # into the table instead of calling slotd again.
+            elif policy.no_wait:
                 return Outcome(dataclasses.replace(decision, kind=Kind.UNAVAILABLE),
                                cold_start=cold_start)
 
             cold_start = True
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                return Outcome(decision, cold_start=True, timed_out=True)
             try:
-                await asyncio.wait_for(changed.wait(), remaining)
+                await asyncio.wait_for(changed.wait(), max(remaining, 0))
             except TimeoutError:
                 return Outcome(decision, cold_start=True, timed_out=True)
 
-    def _shared_load(self, decision: Decision, timeout: float) -> asyncio.Task[None]:
+    def _shared_load(self, decision: Decision) -> asyncio.Task[None]:
+        """Start the load that a decision requests, or return the one already running for it.
+
+        The load call's own timeout is max_wait, not the caller's deadline: a
+        load goes on after the caller who started it gives up.
+        """
         assert decision.slot is not None
         key = (decision.source, decision.slot.name, model_key(decision.load_model))
         task = self._loads.get(key)
         if task is None or task.done():
-            timeout = max(timeout, self.config.max_wait)
-            task = asyncio.create_task(
-                self._backend.load(decision.source, decision.slot.name, decision.load_model, timeout)
-            )
-            # Retrieve the result so that a load nobody waits for logs no warning.
-            task.add_done_callback(lambda done: done.cancelled() or done.exception())
-            task.add_done_callback(lambda done, key=key: self._forget_load(key, done))
+            task = asyncio.create_task(self._backend.load(
+                decision.source, decision.slot.name, decision.load_model, self.config.max_wait,
+            ))
+            task.add_done_callback(
+                lambda done, key=key, model=decision.load_model: self._load_done(key, model, done))
             self._loads[key] = task
         return task
+
+    def _load_done(self, key: tuple[str, str, str], model: str, task: asyncio.Task[None]) -> None:
+        self._forget_load(key, task)
+        if task.cancelled():
+            return
+        # Retrieving the exception here also keeps asyncio from warning about a load
+        # without a waiting caller (no_wait callers, callers past their deadline).
+        error = task.exception()
+        if error is not None:
+            source, slot, _key = key
+            logger.warning("load of %s into slot %r on %s failed: %s",
+                           repr(model) if model else "the default model", slot, source, error)
 
     def _forget_load(self, key: tuple[str, str, str], task: asyncio.Task[None]) -> None:
         if self._loads.get(key) is task:
@@ -200,6 +226,13 @@ class Dispatcher:
         except LoadError as error:
             return Outcome(decision, cold_start=cold_start, load_error=error)
         return Outcome(decision, cold_start=cold_start, lease=lease)
+
+    async def close(self) -> None:
+        """Cancel the load calls still running; slotd goes on with the loads themselves."""
+        tasks = list(self._loads.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def release_lease(self, source: str, lease_id: str) -> bool:
         return await self._backend.release_lease(source, lease_id)

@@ -18,7 +18,7 @@ import enum
 from collections.abc import Mapping, Sequence
 
 from slotroute.dispatch.config import RegistryEntry
-from slotroute.dispatch.sources import SlotInfo, SourceView
+from slotroute.dispatch.sources import CatalogModel, SlotInfo, SourceView
 from slotroute.ids import model_key
 from slotroute.slot.states import LOADING_STATES, State
 
@@ -130,30 +130,34 @@ def resolve(
                              message=f"slot {slot.name!r} serves {slot.model_id!r}")
 
     # Tier 3: a catalog has the model cached; load it into a compatible slot.
+    notes = []
     for view in live:
         model = view.catalog.get(key)
-        if model is None or not model.cached:
+        if model is None:
             continue
-        choice = _prefetch_slot(view, model.slots, key)
-        if choice is None:
+        if not model.cached:
+            notes.append(f"it is in the catalog of {view.address} but its file is not in the cache")
             continue
-        slot, kind = choice
-        return _decision_for(
-            kind, view, slot, model=model.id, tier=Tier.PREFETCH, load_model=model.id,
-            message=f"model {model.id!r} is cached on {view.address}; "
-                    f"{'loading' if kind is Kind.WAIT else 'load'} into slot {slot.name!r}",
-        )
+        decision = _prefetch(view, model, key, wall_now)
+        if decision is None:
+            notes.append(f"it is in the catalog of {view.address} but none of its slots "
+                         f"({', '.join(model.slots)}) can load it")
+            continue
+        return decision
 
-    # A stale source may hold the answer: say so instead of a false NOT_FOUND.
+    # A stale source may serve or list the model, so return UNAVAILABLE instead of a false
+    # NOT_FOUND. The catalog of a source that never synced is unknown: it may list any model.
     for view in stale:
-        if key in view.catalog or any(slot.model_key == key for slot in view.slots.values()):
+        never_synced = not view.synced
+        if never_synced or key in view.catalog \
+                or any(slot.model_key == key for slot in view.slots.values()):
             return Decision(
                 Kind.UNAVAILABLE, model=requested, source=view.address,
                 message=_stale_message(view, now),
                 retry_after=1.0,
             )
 
-    return _not_found(requested, key, registry, views)
+    return _not_found(requested, key, registry, views, notes)
 
 
 def _resolve_slot_binding(
@@ -211,13 +215,40 @@ def _resolve_slot_binding(
                     **common)
 
 
-def _prefetch_slot(view: SourceView, allowed: Sequence[str], key: str) -> tuple[SlotInfo, Kind] | None:
-    """Pick the slot to load a catalog model into: one already loading it, else the least busy."""
+def _prefetch(view: SourceView, model: CatalogModel, key: str, wall_now: float) -> Decision | None:
+    """Decide for a cached catalog model; None when no slot of this source can host it."""
+    holder = _slot_holding(view, model.slots, key)
+    if holder is not None:
+        # A slot already runs or restarts this model: follow its state, never start it twice.
+        return _decision_for_state(view, holder, wall_now, model=model.id, tier=Tier.PREFETCH,
+                                   load_model=model.id)
+    slot = _prefetch_slot(view, model.slots)
+    if slot is None:
+        return None
+    return _decision_for(
+        Kind.LOAD, view, slot, model=model.id, tier=Tier.PREFETCH, load_model=model.id,
+        message=f"model {model.id!r} is cached on {view.address}; load it into slot {slot.name!r}",
+    )
+
+
+def _slot_holding(view: SourceView, allowed: Sequence[str], key: str) -> SlotInfo | None:
+    """Return the allowed slot that runs, loads or restarts model `key`, if any."""
+    for name in allowed:
+        slot = view.slots.get(name)
+        if slot is not None and not slot.external and slot.model_key == key \
+                and slot.state is not State.OFFLINE:
+            return slot
+    return None
+
+
+def _prefetch_slot(view: SourceView, allowed: Sequence[str]) -> SlotInfo | None:
+    """Pick the slot to load a catalog model into: idle slots first, then the least busy.
+
+    OFFLINE slots come first, then failed ones, then READY ones (a swap), then
+    slots still starting or stopping, each group in catalog order after in-flight count.
+    """
     slots = [view.slots[name] for name in allowed if name in view.slots]
     slots = [slot for slot in slots if not slot.external]
-    for slot in slots:
-        if slot.model_key == key and slot.state in LOADING_STATES:
-            return slot, Kind.WAIT
     order = {State.OFFLINE: 0, State.ERROR: 1, State.READY: 2, State.WARMING: 3,
              State.STARTING: 3, State.DRAINING: 4, State.UNLOADING: 4}
     ranked = sorted(
@@ -226,7 +257,7 @@ def _prefetch_slot(view: SourceView, allowed: Sequence[str], key: str) -> tuple[
     )
     if not ranked:
         return None
-    return ranked[0][1], Kind.LOAD
+    return ranked[0][1]
 
 
 def _decision_for_state(view: SourceView, slot: SlotInfo, wall_now: float, **fields) -> Decision:
@@ -270,7 +301,8 @@ def _stale_message(view: SourceView, now: float) -> str:
             "its slots are not routable until it is back")
 
 
-def _not_found(requested: str, key: str, registry: Registry, views: Sequence[SourceView]) -> Decision:
+def _not_found(requested: str, key: str, registry: Registry, views: Sequence[SourceView],
+               notes: Sequence[str] = ()) -> Decision:
     names = registry.names()
     for view in views:
         names.extend(model.id for model in view.catalog.values())
@@ -281,11 +313,12 @@ def _not_found(requested: str, key: str, registry: Registry, views: Sequence[Sou
     close = difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.6)
     suggestion = f"; did you mean {', '.join(repr(by_key[c]) for c in close)}?" if close else \
         "; add it to the registry or the slotd catalog"
+    catalog = "; ".join(notes) if notes else "not in any slotd catalog"
     return Decision(
         Kind.NOT_FOUND,
         model=requested,
         message=f"no route for model {requested!r}: not in the registry, not served by a READY "
-                f"slot, not in any slotd catalog{suggestion}",
+                f"slot, {catalog}{suggestion}",
         tiers_tried=(Tier.REGISTRY.value, Tier.PASSTHROUGH.value, Tier.PREFETCH.value),
         close_matches=tuple(by_key[c] for c in close),
     )
@@ -412,6 +445,9 @@ def route(
 # -- listing ---------------------------------------------------------------------
 
 
+_NOT_ROUTABLE = (Kind.NOT_FOUND, Kind.FAILED, Kind.UNAVAILABLE)
+
+
 @dataclasses.dataclass(frozen=True)
 class RouteListing:
     model: str
@@ -442,7 +478,7 @@ def list_routes(
         else:
             decision = _resolve_slot_binding(entry, views, now=now, wall_now=wall_now,
                                               staleness=staleness)
-        if decision.kind in (Kind.NOT_FOUND, Kind.FAILED, Kind.UNAVAILABLE) or decision.slot is None:
+        if decision.kind in _NOT_ROUTABLE or decision.slot is None:
             continue
         listings.append(RouteListing(entry.id, entry.aliases, Tier.REGISTRY, decision.source,
                                      decision.slot.name, decision.slot.state, entry.capability))
@@ -464,10 +500,10 @@ def list_routes(
             for key, model in view.catalog.items():
                 if key in seen or not model.cached:
                     continue
-                choice = _prefetch_slot(view, model.slots, key)
-                if choice is None:
+                decision = _prefetch(view, model, key, wall_now)
+                if decision is None or decision.slot is None or decision.kind in _NOT_ROUTABLE:
                     continue
                 seen.add(key)
                 listings.append(RouteListing(model.id, (), Tier.PREFETCH, view.address,
-                                             choice[0].name, choice[0].state))
+                                             decision.slot.name, decision.slot.state))
     return listings

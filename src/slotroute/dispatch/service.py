@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import grpc
 
 from slotroute import rpc
-from slotroute.dispatch.dispatcher import Dispatcher, LeaseInfo, Outcome, Policy
+from slotroute.dispatch.dispatcher import Dispatcher, LeaseInfo, LoadError, Outcome, Policy
 from slotroute.dispatch.resolver import Decision, Kind, Tier
 from slotroute.dispatch.v1 import capability_pb2 as _capability_pb2
 from slotroute.dispatch.v1 import capability_pb2_grpc as _capability_pb2_grpc
@@ -32,8 +33,12 @@ TRANSPORT_SERVICE = _transport_pb2.DESCRIPTOR.services_by_name["TransportService
 CAPABILITY_SERVICE = _capability_pb2.DESCRIPTOR.services_by_name["CapabilityService"].full_name
 
 CAPABILITY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-# Seconds kept back from the caller's deadline, to answer DEADLINE_EXCEEDED with a reason.
-_DEADLINE_MARGIN = 0.05
+# Part of the caller's remaining time kept back, within these bounds in seconds, so that
+# the dispatcher's own DEADLINE_EXCEEDED (which names the slot) reaches the caller before
+# the caller's deadline fires.
+_DEADLINE_SHARE = 0.2
+_DEADLINE_MARGIN_MIN = 0.05
+_DEADLINE_MARGIN_MAX = 0.5
 
 _TIERS = {
     None: _route_pb2.TIER_UNSPECIFIED,
@@ -54,11 +59,13 @@ def _policy(message: _route_pb2.WaitPolicy) -> Policy:
                   lease=message.lease, lease_ttl=float(message.lease_ttl_seconds))
 
 
-def _timeout(context: grpc.aio.ServicerContext, default: float) -> float:
+def _wait_limit(context: grpc.aio.ServicerContext, default: float) -> float:
+    """Return the seconds this call may wait: the caller's deadline less a margin, or `default`."""
     remaining = context.time_remaining()
     if remaining is None:
         return default
-    return max(remaining - _DEADLINE_MARGIN, 0.0)
+    margin = min(max(remaining * _DEADLINE_SHARE, _DEADLINE_MARGIN_MIN), _DEADLINE_MARGIN_MAX)
+    return max(remaining - margin, 0.0)
 
 
 def _target(decision: Decision, lease: LeaseInfo | None) -> _route_pb2.Target:
@@ -117,18 +124,29 @@ def outcome_status(outcome: Outcome, subject: dict[str, str]) -> grpc.Status:
         return rpc.rich_status(grpc.StatusCode.FAILED_PRECONDITION, decision.message,
                                domain=DOMAIN, reason="SLOT_FAILED", metadata=metadata)
     reason = "SLOT_LOADING"
-    if decision.slot is None:
+    if outcome.reason:
+        reason = outcome.reason
+    elif decision.slot is None:
         reason = "SOURCE_UNAVAILABLE"
     elif decision.slot.external:
         reason = "ENDPOINT_UNAVAILABLE"
+    elif decision.slot.state is State.ERROR:
+        reason = "SLOT_RESTARTING"
     return rpc.rich_status(grpc.StatusCode.UNAVAILABLE, decision.message, domain=DOMAIN,
                            reason=reason, metadata=metadata,
                            retry_delay=decision.retry_after if decision.retry_after is not None else 1.0)
 
 
+# Called once per Resolve or Route response with (kind, outcome or None when the
+# request was invalid, status code name, seconds taken); metrics use it.
+DecisionObserver = Callable[[str, Outcome | None, str, float], None]
+
+
 def _log_decision(kind: str, requested: str, outcome: Outcome | None, started: float,
-                  code: str = "OK") -> None:
+                  code: str = "OK", observer: DecisionObserver | None = None) -> None:
     latency_ms = (time.perf_counter() - started) * 1000
+    if observer is not None:
+        observer(kind, outcome, code, latency_ms / 1000)
     if outcome is None:
         logger.info("%s requested=%r outcome=%s latency_ms=%.2f", kind, requested, code, latency_ms)
         return
@@ -144,30 +162,33 @@ def _log_decision(kind: str, requested: str, outcome: Outcome | None, started: f
 
 
 class TransportService(_transport_pb2_grpc.TransportServiceServicer):
-    def __init__(self, dispatcher: Dispatcher):
+    def __init__(self, dispatcher: Dispatcher, *, observer: DecisionObserver | None = None):
         self._dispatcher = dispatcher
+        self._observer = observer
 
     async def Resolve(self, request, context):
         started = time.perf_counter()
         try:
             model = check_model_id(request.model)
         except InvalidModelId as error:
-            _log_decision("resolve", request.model[:80], None, started, "INVALID_ARGUMENT")
+            _log_decision("resolve", request.model[:80], None, started, "INVALID_ARGUMENT",
+                          observer=self._observer)
             await rpc.abort(context, rpc.rich_status(
                 grpc.StatusCode.INVALID_ARGUMENT, str(error), domain=DOMAIN,
                 reason="INVALID_MODEL_ID", metadata={"field": "model"}))
 
         dispatcher = self._dispatcher
         outcome = await dispatcher.resolve(
-            model, _policy(request.policy), _timeout(context, dispatcher.config.default_wait)
+            model, _policy(request.policy), _wait_limit(context, dispatcher.config.default_wait)
         )
         decision = outcome.decision
         if decision.kind is not Kind.ROUTED or outcome.load_error or outcome.timed_out:
             status = outcome_status(outcome, {"model": model})
-            _log_decision("resolve", model, outcome, started, status.code.name)
+            _log_decision("resolve", model, outcome, started, status.code.name,
+                          observer=self._observer)
             await rpc.abort(context, status)
 
-        _log_decision("resolve", model, outcome, started)
+        _log_decision("resolve", model, outcome, started, observer=self._observer)
         return _transport_pb2.ResolveResponse(
             model=decision.model,
             tier=_TIERS[decision.tier],
@@ -199,7 +220,6 @@ async def release_lease(dispatcher: Dispatcher, request, context):
             f"unknown source {request.source!r}; pass the target's source from the Resolve "
             f"response ({', '.join(dispatcher.tables)})",
             domain=DOMAIN, reason="UNKNOWN_SOURCE"))
-    from slotroute.dispatch.dispatcher import LoadError
     try:
         released = await dispatcher.release_lease(source, request.lease_id)
     except LoadError as error:
@@ -210,15 +230,18 @@ async def release_lease(dispatcher: Dispatcher, request, context):
 
 
 class CapabilityService(_capability_pb2_grpc.CapabilityServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, slot_to_proto):
+    def __init__(self, dispatcher: Dispatcher, slot_to_proto, *,
+                 observer: DecisionObserver | None = None):
         self._dispatcher = dispatcher
         self._slot_to_proto = slot_to_proto
+        self._observer = observer
 
     async def Route(self, request, context):
         started = time.perf_counter()
         capability = request.capability.strip()
         if not CAPABILITY_RE.match(capability):
-            _log_decision("route", request.capability[:80], None, started, "INVALID_ARGUMENT")
+            _log_decision("route", request.capability[:80], None, started, "INVALID_ARGUMENT",
+                          observer=self._observer)
             await rpc.abort(context, rpc.rich_status(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"invalid capability {request.capability[:80]!r}; use a lower-case name such as "
@@ -228,15 +251,16 @@ class CapabilityService(_capability_pb2_grpc.CapabilityServiceServicer):
         dispatcher = self._dispatcher
         outcome = await dispatcher.route(
             capability, dict(request.labels), _policy(request.policy),
-            _timeout(context, dispatcher.config.default_wait),
+            _wait_limit(context, dispatcher.config.default_wait),
         )
         decision = outcome.decision
         if decision.kind is not Kind.ROUTED or outcome.load_error or outcome.timed_out:
             status = outcome_status(outcome, {"capability": capability})
-            _log_decision("route", capability, outcome, started, status.code.name)
+            _log_decision("route", capability, outcome, started, status.code.name,
+                          observer=self._observer)
             await rpc.abort(context, status)
 
-        _log_decision("route", capability, outcome, started)
+        _log_decision("route", capability, outcome, started, observer=self._observer)
         return _capability_pb2.RouteResponse(
             capability=capability,
             target=_target(decision, outcome.lease),

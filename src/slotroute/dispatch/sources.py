@@ -107,7 +107,10 @@ class SourceTable:
         self._touch()
 
     def on_disconnected(self) -> None:
-        if self.connected or self.disconnected_since is None:
+        # The staleness clock starts at the first loss after a SYNCED and runs on
+        # through reconnects that end before the next SYNCED, so a slotd that
+        # accepts streams and drops them early still becomes stale.
+        if self.disconnected_since is None:
             self.disconnected_since = time.monotonic()
         self.connected = False
         self._pending_slots = None
@@ -117,10 +120,11 @@ class SourceTable:
     def snapshot_pending(self) -> bool:
         return self._pending_slots is not None
 
-    def begin_snapshot(self, epoch: str) -> None:
+    def begin_snapshot(self) -> None:
+        # The epoch changes only at SYNCED: a stream lost mid-snapshot must resume
+        # from the (epoch, revision) pair of the table that is still in place.
         self._pending_slots = {}
         self._pending_catalog = {}
-        self.epoch = epoch
 
     def apply_slot(self, slot: SlotInfo, revision: int, snapshot: bool) -> None:
         self._touch()

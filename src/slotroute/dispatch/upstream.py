@@ -96,45 +96,72 @@ class Subscriber:
         *,
         backoff: float = 0.2,
         backoff_max: float = 5.0,
+        watch_timeout: float = 15.0,
         metadata: tuple[tuple[str, str], ...] = (),
     ):
         self.table = table
         self._channels = channels
         self._backoff = backoff
         self._backoff_max = backoff_max
+        self._watch_timeout = watch_timeout
         self._metadata = metadata
+        # Counters for status output and tests.
         self.connects = 0
+        self.snapshots = 0
+        self.resumes = 0
+        self.failures = 0
+        self._resume_revision = 0
 
     async def run(self) -> None:
         attempt = 0
         while True:
-            synced = await self._stream_once()
+            synced = await self._stream_once(attempt)
             self.table.on_disconnected()
             attempt = 0 if synced else attempt + 1
             delay = min(self._backoff_max, self._backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
-    async def _stream_once(self) -> bool:
-        """Read one stream until it ends; return whether it reached SYNCED."""
+    async def _stream_once(self, attempt: int) -> bool:
+        """Read one stream until it ends; return whether it reached SYNCED.
+
+        A stream that delivers no event (heartbeats included) for
+        `watch_timeout` seconds counts as lost: a stopped or hung slotd keeps
+        its TCP connection open, so only the missing heartbeats show it.
+        """
         table = self.table
         request = _slot_pb2.WatchSlotsRequest()
         if table.ever_synced:
             request.resume_epoch = table.epoch
             request.resume_revision = table.revision
+        self._resume_revision = request.resume_revision
         synced = False
+        loop = asyncio.get_running_loop()
         call = self._channels.stub(table.address).WatchSlots(request, metadata=self._metadata or None)
         try:
-            async for event in call:
-                if not table.connected:
-                    table.on_connected()
-                    self.connects += 1
-                synced = self._apply(event) or synced
+            async with asyncio.timeout(self._watch_timeout) as timer:
+                async for event in call:
+                    timer.reschedule(loop.time() + self._watch_timeout)
+                    if not table.connected:
+                        table.on_connected()
+                        self.connects += 1
+                    synced = self._apply(event) or synced
             logger.info("source=%s watch stream ended by slotd; resubscribing", table.address)
+        except TimeoutError:
+            self.failures += 1
+            logger.warning("source=%s sent no event for %.1f s (watch_timeout), so slotd is stopped or "
+                           "hung; resubscribing. If that slotd is healthy, raise [dispatcher] "
+                           "watch_timeout above its heartbeat_interval", table.address,
+                           self._watch_timeout)
         except grpc.aio.AioRpcError as error:
-            level = logging.DEBUG if error.code() == grpc.StatusCode.UNAVAILABLE and not table.ever_synced \
-                else logging.WARNING
-            logger.log(level, "source=%s watch stream failed: %s %s; resubscribing",
-                       table.address, error.code().name, error.details())
+            self.failures += 1
+            # The first failure after a loss is a warning; repeats while slotd stays down are debug.
+            level = logging.WARNING if attempt == 0 and table.ever_synced else logging.DEBUG
+            # A rejected token is a config error, not slotd starting up, so report it loudly.
+            if attempt == 0 and error.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                                 grpc.StatusCode.PERMISSION_DENIED):
+                level = logging.ERROR
+            logger.log(level, "source=%s watch stream failed: %s %s; resubscribing (attempt %d)",
+                       table.address, error.code().name, error.details(), attempt + 1)
         finally:
             call.cancel()
         return synced
@@ -145,8 +172,9 @@ class Subscriber:
         if kind == _slot_pb2.EVENT_TYPE_HEARTBEAT:
             table.apply_heartbeat(event.revision)
             return False
-        if event.snapshot and kind != _slot_pb2.EVENT_TYPE_SYNCED and not table.snapshot_pending():
-            table.begin_snapshot(event.epoch)
+        # A snapshot SYNCED with no snapshot events before it is an empty snapshot.
+        if event.snapshot and not table.snapshot_pending():
+            table.begin_snapshot()
         if kind == _slot_pb2.EVENT_TYPE_SLOT:
             table.apply_slot(slot_from_proto(event.slot), event.revision, event.snapshot)
         elif kind == _slot_pb2.EVENT_TYPE_SLOT_REMOVED:
@@ -155,9 +183,14 @@ class Subscriber:
             table.apply_catalog(catalog_from_proto(event.catalog), event.revision, event.snapshot)
         elif kind == _slot_pb2.EVENT_TYPE_SYNCED:
             if event.snapshot:
-                logger.info("source=%s synced epoch=%s revision=%d (%s)", table.address, event.epoch,
-                            event.revision,
+                self.snapshots += 1
+                logger.info("source=%s synced from a full snapshot: epoch=%s revision=%d (%s)",
+                            table.address, event.epoch, event.revision,
                             _slot_pb2.SnapshotReason.Name(event.snapshot_reason).lower())
+            else:
+                self.resumes += 1
+                logger.info("source=%s resumed: epoch=%s revision %d -> %d", table.address,
+                            event.epoch, self._resume_revision, event.revision)
             table.apply_synced(event.epoch, event.revision, event.snapshot)
             return True
         return False
@@ -170,10 +203,11 @@ class SlotdBackend:
         self._channels = channels
         self._metadata = metadata or None
 
-    async def load(self, source: str, slot: str, model_id: str, timeout: float) -> None:
+    async def load(self, source: str, slot: str, model_id: str, rpc_timeout: float) -> None:
         request = _slot_pb2.LoadModelRequest(slot=slot, model_id=model_id, wait=True)
         try:
-            await self._channels.stub(source).LoadModel(request, timeout=timeout, metadata=self._metadata)
+            await self._channels.stub(source).LoadModel(request, timeout=rpc_timeout,
+                                                         metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise _load_error(source, error) from None
 
