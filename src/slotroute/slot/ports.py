@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import random
 import socket
 
 
@@ -37,7 +38,9 @@ class PortAllocator:
         self.high = high
         self._reserved = set(reserved)
         self._owners: dict[int, str] = {}
-        self._next = low
+        # Start at a random port: two slotds sharing a range then rarely race
+        # for the same port between the free check and the backend's bind.
+        self._next = random.randint(low, high)
 
     def allocate(self, owner: str, host: str = "127.0.0.1") -> int:
         """Return a free port for `owner`, checked free on `host` just now."""
