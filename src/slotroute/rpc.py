@@ -120,10 +120,14 @@ class Service:
             self.server,
         )
         host, _port = parse_listen(listen)
-        if credentials is None:
-            bound = self.server.add_insecure_port(listen)
-        else:
-            bound = self.server.add_secure_port(listen, credentials)
+        try:
+            if credentials is None:
+                bound = self.server.add_insecure_port(listen)
+            else:
+                bound = self.server.add_secure_port(listen, credentials)
+        except RuntimeError:
+            # grpcio raises RuntimeError("Failed to bind ...") instead of returning 0.
+            bound = 0
         if bound == 0:
             raise OSError(f"cannot listen on {listen}: address in use or not available")
         self.port = bound

@@ -8,12 +8,18 @@ from collections.abc import Mapping
 import grpc
 
 from slotroute import rpc
-from slotroute.dispatch.v1 import capability_pb2, capability_pb2_grpc, route_pb2, transport_pb2, transport_pb2_grpc
+from slotroute.dispatch.v1 import (
+    capability_pb2,
+    capability_pb2_grpc,
+    route_pb2,
+    transport_pb2,
+    transport_pb2_grpc,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where to send a request: the answer of Resolve or Route."""
+    """Where to send a request: the result of Resolve or Route."""
 
     endpoint_url: str
     slot: str
@@ -57,7 +63,7 @@ class DispatcherClient:
         self,
         model: str,
         *,
-        timeout: float = 60.0,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the gRPC deadline of the call
         no_wait: bool = False,
         no_cold_start: bool = False,
         lease: bool = False,
@@ -77,7 +83,7 @@ class DispatcherClient:
         capability: str,
         labels: Mapping[str, str] | None = None,
         *,
-        timeout: float = 60.0,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the gRPC deadline of the call
         no_wait: bool = False,
         no_cold_start: bool = False,
         lease: bool = False,
