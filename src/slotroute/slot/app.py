@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from slotroute import rpc
+from slotroute import metrics, rpc, security
 from slotroute.slot.config import SlotdConfig, load_slotd_config
 from slotroute.slot.manager import SlotManager
 from slotroute.slot.service import SERVICE_NAME, SlotService, describe_change
@@ -20,8 +20,14 @@ class Slotd:
 
     def __init__(self, config: SlotdConfig):
         self.config = config
+        # Raises SecurityError, before anything binds, on a plaintext non-loopback listen
+        # address or an unreadable certificate or token.
+        self.security = security.slotd_security(config)
         self.manager = SlotManager(config)
+        self.manager.watchdog.on_change = self._stall_changed
         self.manager.table.add_listener(describe_change)
+        self.metrics = metrics.SlotdMetrics(lambda: self.manager)
+        self.manager.table.add_listener(self.metrics.on_change)
         self.servicer = SlotService(
             self.manager, heartbeat_interval=config.heartbeat_interval, reload=self.reload
         )
@@ -29,6 +35,8 @@ class Slotd:
             config.listen,
             [SERVICE_NAME],
             lambda server: _slot_pb2_grpc.add_SlotServiceServicer_to_server(self.servicer, server),
+            interceptors=self.security.interceptors,
+            credentials=self.security.credentials,
         )
         self._stopped = False
 
@@ -37,16 +45,27 @@ class Slotd:
         return self.service.address
 
     async def start(self) -> None:
+        self.metrics.serve(self.config.ops.metrics_listen)
+        logger.info("slotd transport: %s; metrics: %s", self.security.summary, self.metrics.url or "off")
         await self.manager.start()
         await self.service.start()
         await self.service.set_serving(True)
         logger.info("slotd listening on %s epoch=%s slots=%d config=%s",
                     self.address, self.manager.log.epoch, len(self.config.slots), self.config.path)
 
+    async def _stall_changed(self, stalled: bool) -> None:
+        # Health is NOT_SERVING while a load step is stuck; after stop() began it stays so.
+        if not self._stopped:
+            await self.service.set_serving(not stalled)
+
     async def reload(self) -> dict[str, list[str]]:
         """Reread the config file and apply the difference; raise ValueError if invalid."""
-        new_config = load_slotd_config(self.config.path, listen=self.config.listen)
+        new_config = load_slotd_config(self.config.path, listen=self.config.listen,
+                                       **self.config.host_overrides)
         result = await self.manager.reload(new_config)
+        if new_config.ops != self.config.ops:
+            logger.warning("slotd config reload: metrics, TLS, token and bind settings changed "
+                           "but apply only after a restart; the running ones stay")
         self.config = new_config
         logger.info("slotd config reloaded from %s: %s", self.config.path, result)
         return result
@@ -67,27 +86,37 @@ class Slotd:
                            self.config.shutdown_grace)
             await self.manager.kill_all()
         await self.service.stop(grace=1.0)
+        await self.metrics.close()
         logger.info("slotd stopped")
+
+
+async def _reload_on_hangup(slotd: Slotd) -> None:
+    try:
+        await slotd.reload()
+    except ValueError as error:
+        logger.error("config reload rejected, the running config stays: %s", error)
+    except Exception:
+        logger.exception("config reload failed")
 
 
 async def serve(config: SlotdConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> int:
     """Run slotd until `stop` is set; SIGHUP reloads the config."""
     slotd = Slotd(config)
     loop = asyncio.get_running_loop()
-    await slotd.start()
+    # The loop keeps only weak references to tasks, so the running reloads are held here.
+    reloads: set[asyncio.Task[None]] = set()
 
     def on_hangup() -> None:
-        async def reload() -> None:
-            try:
-                await slotd.reload()
-            except ValueError as error:
-                logger.error("config reload rejected, the running config stays: %s", error)
-        asyncio.ensure_future(reload())
+        task = asyncio.create_task(_reload_on_hangup(slotd))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    if ready is not None:
-        ready.set()
     try:
+        # Inside the try: a start that fails after preloads began still stops their backends.
+        await slotd.start()
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         loop.remove_signal_handler(signal.SIGHUP)

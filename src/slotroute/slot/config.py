@@ -15,12 +15,15 @@ from typing import Any
 from slotroute.configfile import ConfigError, Fields, load_toml, parse_size
 from slotroute.ids import InvalidModelId, check_model_id, model_key
 from slotroute.netaddr import parse_listen
+from slotroute.opsconfig import SLOTD_METRICS_LISTEN, ServerOps, read_server_ops
 
 # Placeholders a slot command and its environment may use.
 # {python} is the interpreter running slotd, for backends written in Python.
 PLACEHOLDERS = frozenset({"port", "host", "model_id", "model_path", "slot", "device", "python"})
 PROBE_KINDS = ("http", "tcp", "grpc")
 DEVICE_KINDS = ("cpu", "nvidia", "amd", "other")
+# Bind addresses that accept connections on every interface.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 # A model without a declared memory size is estimated from its file size.
 ESTIMATE_RATIO = 1.2
@@ -54,8 +57,8 @@ class DeviceSpec:
     kind: str
     # None means "auto": the total is read from the machine.
     memory_bytes: int | None
-    # Exclusive groups take turns: slots of different groups never run at once.
-    exclusive_groups: bool = False
+    # Which GPU of its kind the device is, counting from 0, for reading memory with "auto".
+    index: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,8 @@ class SlotSpec:
     # Base URL of an endpoint that something else runs; only probed.
     external_url: str = ""
     host: str = "127.0.0.1"
+    # Host written into the slot's endpoint URL; empty means `host`.
+    advertise_host: str = ""
     probe: ProbeSpec = ProbeSpec()
     start_timeout: float = 120.0
     stop_grace: float = 10.0
@@ -83,6 +88,7 @@ class SlotSpec:
     min_residency: float = 0.0
     priority: int = 0
     pinned: bool = False
+    # Slots of one device whose non-empty groups differ never run at the same time.
     exclusive_group: str = ""
     max_restarts: int = 5
     restart_backoff: float = 1.0
@@ -127,8 +133,22 @@ class SlotdConfig:
     lease_ttl: float = 60.0
     lease_ttl_max: float = 3600.0
     shutdown_grace: float = 15.0
+    # Seconds between two checks of the stall watchdog.
+    watchdog_interval: float = 1.0
+    # Seconds a load step may run past its own bound (start_timeout, stop_grace,
+    # drain_timeout) before the watchdog reports slotd stalled.
+    stall_margin: float = 5.0
     # Ports of other services in the same file, which the port range must avoid.
     reserved_ports: tuple[int, ...] = ()
+    # What {host} expands to for slots without their own `host`.
+    backend_host: str = "127.0.0.1"
+    # Host written into endpoint URLs of slots without their own non-wildcard `host`.
+    advertise_host: str = "127.0.0.1"
+    # Keyword arguments given to load_slotd_config for the two hosts above, so a
+    # config reload keeps command-line overrides.
+    host_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Metrics endpoint, TLS, token and bind settings (see slotroute.opsconfig).
+    ops: ServerOps = ServerOps()
 
     def slot(self, name: str) -> SlotSpec | None:
         return next((spec for spec in self.slots if spec.name == name), None)
@@ -141,11 +161,18 @@ class SlotdConfig:
         return self.cache_dir / model.path
 
 
-def load_slotd_config(path: str | pathlib.Path, listen: str | None = None) -> SlotdConfig:
+def load_slotd_config(
+    path: str | pathlib.Path,
+    listen: str | None = None,
+    *,
+    backend_host: str | None = None,
+    advertise_host: str | None = None,
+) -> SlotdConfig:
     """Load and validate the `[slotd]` section of a TOML file.
 
-    `listen` overrides the configured address. Raises ConfigError naming the
-    file, the entry and the field of the first problem found.
+    `listen`, `backend_host` and `advertise_host` override the configured
+    values. Raises ConfigError naming the file, the entry and the field of the
+    first problem found.
     """
     path = pathlib.Path(path)
     document = load_toml(path)
@@ -171,7 +198,8 @@ def load_slotd_config(path: str | pathlib.Path, listen: str | None = None) -> Sl
     _check_unique(devices, "devices", "name", path)
     device_names = {device.name for device in devices}
 
-    slots = tuple(_slot(entry, device_names) for entry in section.tables("slots", "name"))
+    hosts = _hosts(section, backend_host, advertise_host)
+    slots = tuple(_slot(entry, device_names, hosts) for entry in section.tables("slots", "name"))
     _check_unique(slots, "slots", "name", path)
     slot_names = [slot.name for slot in slots]
 
@@ -195,7 +223,14 @@ def load_slotd_config(path: str | pathlib.Path, listen: str | None = None) -> Sl
         lease_ttl=section.seconds("lease_ttl", 60.0, minimum=0.01),
         lease_ttl_max=section.seconds("lease_ttl_max", 3600.0, minimum=0.01),
         shutdown_grace=section.seconds("shutdown_grace", 15.0, minimum=0.1),
+        watchdog_interval=section.seconds("watchdog_interval", 1.0, minimum=0.01),
+        stall_margin=section.seconds("stall_margin", 5.0, minimum=0.0),
         reserved_ports=tuple(sorted(reserved)),
+        backend_host=hosts[0],
+        advertise_host=hosts[1],
+        host_overrides={key: value for key, value in
+                        (("backend_host", backend_host), ("advertise_host", advertise_host)) if value},
+        ops=read_server_ops(section, metrics_default=SLOTD_METRICS_LISTEN),
     )
     section.finish()
     _check_default_models(config, section)
@@ -248,13 +283,37 @@ def _device(entry: Fields) -> DeviceSpec:
         name=name,
         kind=kind,
         memory_bytes=memory,
-        exclusive_groups=entry.boolean("exclusive_groups", False),
+        index=entry.integer("index", 0, minimum=0),
     )
     entry.finish()
     return device
 
 
-def _slot(entry: Fields, device_names: set[str]) -> SlotSpec:
+def _hosts(section: Fields, backend_override: str | None,
+           advertise_override: str | None) -> tuple[str, str]:
+    """Read `backend_host` and `advertise_host`; a wildcard bind advertises 127.0.0.1."""
+    # Both fields are read even when overridden, so finish() does not report them unknown.
+    configured_backend = section.string("backend_host", "127.0.0.1")
+    configured_advertise = section.string("advertise_host", "")
+    backend = backend_override or configured_backend
+    _check_host(section, "backend_host", backend)
+    advertise = advertise_override or configured_advertise
+    if not advertise:
+        advertise = "127.0.0.1" if backend in WILDCARD_HOSTS else backend
+    _check_host(section, "advertise_host", advertise)
+    if advertise in WILDCARD_HOSTS:
+        raise section.error("advertise_host", f"invalid host {advertise!r}: clients cannot connect "
+                            "to a wildcard address; give the address they should use")
+    return backend, advertise
+
+
+def _check_host(entry: Fields, field: str, host: str) -> None:
+    if not host or any(char.isspace() or char in "[]/@" for char in host):
+        raise entry.error(field, f"invalid host {host!r}; give an IP address or a host name "
+                          "without port or brackets, such as 127.0.0.1 or ::1")
+
+
+def _slot(entry: Fields, device_names: set[str], hosts: tuple[str, str]) -> SlotSpec:
     name = _name(entry, "name")
     device = entry.string("device")
     if device not in device_names:
@@ -292,6 +351,13 @@ def _slot(entry: Fields, device_names: set[str]) -> SlotSpec:
 
     probe = _probe(entry.table_of("probe"))
     backoff = entry.seconds("restart_backoff", 1.0, minimum=0.0)
+    backend_host, configured_advertise = hosts
+    host = entry.string("host", "")
+    if host:
+        _check_host(entry, "host", host)
+    # A slot's own host is advertised unless it is a wildcard bind address.
+    advertise_host = host if host and host not in WILDCARD_HOSTS else configured_advertise
+    host = host or backend_host
     spec = SlotSpec(
         name=name,
         device=device,
@@ -303,7 +369,8 @@ def _slot(entry: Fields, device_names: set[str]) -> SlotSpec:
         command=command,
         env=env,
         external_url=external_url.rstrip("/"),
-        host=entry.string("host", "127.0.0.1"),
+        host=host,
+        advertise_host=advertise_host,
         probe=probe,
         start_timeout=entry.seconds("start_timeout", 120.0, minimum=0.01),
         stop_grace=entry.seconds("stop_grace", 10.0, minimum=0.0),
@@ -390,7 +457,7 @@ def _model(entry: Fields, cache_dir: pathlib.Path, slot_names: list[str]) -> Mod
 
 
 def _check_default_models(config: SlotdConfig, section: Fields) -> None:
-    for index, slot in enumerate(config.slots):
+    for slot in config.slots:
         if not slot.default_model:
             continue
         model = config.model(slot.default_model)

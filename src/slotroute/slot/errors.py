@@ -28,7 +28,11 @@ class QueueFull(SlotError):
 
 
 class InsufficientMemory(SlotError):
-    pass
+    """The model does not fit on its device, even after evicting every slot that may go."""
+
+
+class DeviceBusy(SlotError):
+    """A slot of another exclusive group runs on the device and may not be stopped now."""
 
 
 class RetryLater(SlotError):

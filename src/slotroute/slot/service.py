@@ -91,6 +91,9 @@ def catalog_to_proto(entries: tuple[CatalogEntry, ...] | list[CatalogEntry]) -> 
     ]
 
 
+# Live event messages kept for sharing between WatchSlots streams.
+_LIVE_MESSAGES = 256
+
 _SNAPSHOT_REASONS = {
     None: _slot_pb2.SNAPSHOT_REASON_UNSPECIFIED,
     SnapshotReason.NEW_SUBSCRIBER: _slot_pb2.SNAPSHOT_REASON_NEW_SUBSCRIBER,
@@ -140,6 +143,8 @@ def status_for(error: Exception) -> grpc.Status:
         return build(grpc.StatusCode.RESOURCE_EXHAUSTED, "LOAD_QUEUE_FULL", retry_delay=1.0)
     if isinstance(error, errors.InsufficientMemory):
         return build(grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_MEMORY")
+    if isinstance(error, errors.DeviceBusy):
+        return build(grpc.StatusCode.RESOURCE_EXHAUSTED, "EXCLUSIVE_GROUP_BUSY")
     if isinstance(error, errors.RetryLater):
         return build(grpc.StatusCode.UNAVAILABLE, "BACKOFF", retry_delay=error.delay)
     if isinstance(error, errors.ShuttingDown):
@@ -180,6 +185,8 @@ class SlotService(_slot_pb2_grpc.SlotServiceServicer):
         self._heartbeat = heartbeat_interval
         self._reload = reload
         self._closing = asyncio.Event()
+        # Messages of recent live events by revision, built once and sent by every stream.
+        self._live_messages: dict[int, _slot_pb2.WatchSlotsResponse] = {}
 
     def close_streams(self) -> None:
         """End every WatchSlots stream, as slotd does on shutdown."""
@@ -228,10 +235,24 @@ class SlotService(_slot_pb2_grpc.SlotServiceServicer):
                         type=_slot_pb2.EVENT_TYPE_HEARTBEAT, epoch=log.epoch, revision=log.revision
                     )
                     continue
-                yield event_to_proto(event, log.epoch)
+                yield self._live_message(event, log.epoch)
         finally:
             # Released here so that a cancelled stream frees its queue at once.
             subscription.close()
+
+    def _live_message(self, event: Event, epoch: str) -> _slot_pb2.WatchSlotsResponse:
+        """Return the message of a live event, shared by every stream that sends it.
+
+        Streams never change a message they send, so one object serves them all. The
+        cache keeps the last _LIVE_MESSAGES revisions; a stream further behind builds its own.
+        """
+        message = self._live_messages.get(event.revision)
+        if message is None:
+            message = event_to_proto(event, epoch)
+            self._live_messages[event.revision] = message
+            if len(self._live_messages) > _LIVE_MESSAGES:
+                del self._live_messages[next(iter(self._live_messages))]
+        return message
 
     async def LoadModel(self, request, context):
         try:
@@ -303,6 +324,9 @@ def describe_change(previous: SlotStatus | None, status: SlotStatus | None, revi
         revision,
         status.reason.value.lower(),
         status.message,
+        # The same facts as fields, for JSON log lines.
+        extra={"slot": status.name, "state": status.state.value, "model": status.model_id,
+               "revision": revision, "reason": status.reason.value.lower()},
     )
 
 
