@@ -133,11 +133,18 @@ def _config_error(error) -> SystemExit:
 
 
 def _serve(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
-    """Run a server until SIGINT or SIGTERM; a failed bind exits 1 with the reason."""
+    """Run a server until SIGINT or SIGTERM; a failed bind exits 1 with the reason.
+
+    A config problem found only at startup (such as a device memory set to
+    "auto" that cannot be read) exits 3 like any other config error.
+    """
     from slotroute import rpc
+    from slotroute.configfile import ConfigError
 
     try:
         return asyncio.run(rpc.run_until_signal(main))
+    except ConfigError as error:
+        raise _config_error(error) from None
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
