@@ -420,7 +420,12 @@ class Supervisor:
                 return False
             # A response counts only once the backend's own process tree listens on the port.
             if result is not probes.ProbeResult.REFUSED and not owned:
-                owned = probes.listener_pid(process.pid, port) is not None
+                # psutil walks the process tree and socket tables for 10-100 ms:
+                # run it in a thread so other slots and streams keep moving.
+                owner = await asyncio.to_thread(probes.listener_pid, process.pid, port)
+                if not self._is_current(generation) or self.status.state not in LOADING_STATES:
+                    return False
+                owned = owner is not None
                 if not owned:
                     result = probes.ProbeResult.NOT_READY
                     detail = (f"port {port} answered, but process {process.pid} does not listen "
