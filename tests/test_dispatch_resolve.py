@@ -525,12 +525,15 @@ async def test_one_log_line_per_decision(tiers_box, caplog):
     async with running_box(tiers_box) as box:
         await box.resolve("m1")
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="slotroute.dispatch"):
+        with caplog.at_level(logging.DEBUG, logger="slotroute.dispatch"):
             await box.resolve(" Chat-One ")
             await box.resolve_error("m9")
-        lines = [record.getMessage() for record in caplog.records if record.name == "slotroute.dispatch"]
+        records = [record for record in caplog.records if record.name == "slotroute.dispatch"]
+        lines = [record.getMessage() for record in records]
 
     assert len(lines) == 2
+    # A warm hit logs at debug, a miss at info.
+    assert [record.levelno for record in records] == [logging.DEBUG, logging.INFO]
     assert lines[0].startswith(
         f"resolve requested='Chat-One' canonical='m1' tier=REGISTRY slot=a source={box.slotd.address} "
         "revision="

@@ -42,6 +42,10 @@ def check_model_id(model_id: str) -> str:
             f"model id of {len(stripped)} characters is longer than the maximum of "
             f"{MAX_ID_LENGTH}: {stripped[:40]!r}...; use a shorter id or an alias"
         )
+    # Fast path, run on every Resolve: in ASCII the only rejected characters are the
+    # control characters (category Cc), and str.isprintable() is False exactly for them.
+    if stripped.isascii() and stripped.isprintable():
+        return stripped
     for index, char in enumerate(stripped):
         if unicodedata.category(char) in _REJECTED_CATEGORIES:
             raise InvalidModelId(

@@ -104,8 +104,6 @@ def resolve(
     retry times.
     """
     key = model_key(requested)
-    live = [view for view in views if not view.stale(now, staleness)]
-    stale = [view for view in views if view.stale(now, staleness)]
 
     # Tier 1: the registry binds the id to a slot or a capability.
     entry = registry.lookup(key)
@@ -116,6 +114,9 @@ def resolve(
             return dataclasses.replace(decision, model=entry.id, tier=Tier.REGISTRY,
                                        capability=entry.capability)
         return _resolve_slot_binding(entry, views, now=now, wall_now=wall_now, staleness=staleness)
+
+    live = [view for view in views if not view.stale(now, staleness)]
+    stale = [view for view in views if view.stale(now, staleness)]
 
     # Tier 2: a READY slot already serves exactly this id.
     serving = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -39,7 +40,9 @@ class SlotInfo:
     next_retry_at: float | None = None
     device: str = ""
 
-    @property
+    # Computed once per SlotInfo: the resolver compares it on every Resolve. The dataclass
+    # is frozen, and cached_property stores the value in the instance __dict__ directly.
+    @functools.cached_property
     def model_key(self) -> str:
         return model_key(self.model_id)
 
