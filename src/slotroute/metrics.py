@@ -258,6 +258,7 @@ class DispatcherMetrics(_ServiceMetrics):
                             ["tier", "code"], buckets=DECISION_BUCKETS, registry=self.registry)
             for kind in ("resolve", "route")
         }
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.cold_starts = Counter(
             "slotroute_dispatch_cold_starts",
             "Resolve and Route answers that waited for a backend to start.",
@@ -271,8 +272,14 @@ class DispatcherMetrics(_ServiceMetrics):
         tier = NO_TIER
         if outcome is not None and outcome.decision.tier is not None:
             tier = outcome.decision.tier.value
-        self.counts[kind].labels(tier, code).inc()
-        self.durations[kind].labels(tier, code).observe(seconds)
+        # labels() costs a locked lookup per call; the children are cached per label set.
+        key = (kind, tier, code)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.counts[kind].labels(tier, code), self.durations[kind].labels(tier, code))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if outcome is not None and outcome.cold_start:
             self.cold_starts.labels(kind).inc()
 
