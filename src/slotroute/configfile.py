@@ -45,7 +45,7 @@ def load_toml(path: pathlib.Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(path, "file", None, "file not found; pass an existing config file")
+        raise ConfigError(path, "file", None, "file not found; pass an existing config file") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(path, "file", None, f"invalid TOML: {error}") from error
 
