@@ -7,6 +7,7 @@ import contextlib
 import os
 import pathlib
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -205,3 +206,23 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(repo_root() / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@contextlib.asynccontextmanager
+async def slotd_process(config: pathlib.Path, port: int, log_path: pathlib.Path):
+    """Run `python -m slotroute slotd` as a real process; kill it on exit if it still runs."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "slotroute", "slotd",
+            "--config", str(config), "--listen", f"127.0.0.1:{port}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=subprocess_env(),
+        )
+    finally:
+        os.close(log)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

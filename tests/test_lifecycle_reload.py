@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import pathlib
 import signal
-import sys
 
 import grpc
 import psutil
@@ -20,7 +17,7 @@ from support import (
     running_slotd,
     slot,
     slot_stub,
-    subprocess_env,
+    slotd_process,
     write_config,
 )
 
@@ -246,26 +243,6 @@ async def test_reload_waits_for_running_load(tmp_path):
     assert loaded.slot.model_id == "m2"
     assert loaded.slot.generation == 2
     assert argv[argv.index("--load-delay") + 1] == "0.05"
-
-
-@contextlib.asynccontextmanager
-async def slotd_process(config: pathlib.Path, port: int, log_path: pathlib.Path):
-    """Run `python -m slotroute slotd` as a real process; kill it on exit if it still runs."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "slotroute", "slotd",
-            "--config", str(config), "--listen", f"127.0.0.1:{port}",
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=subprocess_env(),
-        )
-    finally:
-        os.close(log)
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_sighup_reloads_slotd_process(tmp_path):

@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import signal
-import sys
 import time
 
 import grpc
@@ -26,8 +25,8 @@ from support import (
     slot,
     slot_states,
     slot_stub,
+    slotd_process,
     standin,
-    subprocess_env,
     write_config,
 )
 
@@ -175,26 +174,6 @@ class ForeignServer:
         finally:
             server.close()
             await server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def slotd_process(config, port: int, log_path):
-    """Run `python -m slotroute slotd` as a real process; kill it on exit if it still runs."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "slotroute", "slotd",
-            "--config", str(config), "--listen", f"127.0.0.1:{port}",
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=subprocess_env(),
-        )
-    finally:
-        os.close(log)
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def backend_pids_when_ready(address: str, names: set[str]) -> dict[str, int]:
