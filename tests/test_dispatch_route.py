@@ -278,3 +278,13 @@ async def test_example_box_end_to_end(tmp_path):
             "hermes-4-14b", "qwen3-4b", "qwen2.5-vl-7b", "bge-m3", "bge-reranker-v2-m3",
             "moonshine-small-streaming-en", "kokoro", "sdxl-turbo",
         ]
+
+
+def test_label_problem_rules():
+    from slotroute.dispatch.service import label_problem
+
+    assert label_problem({"size": "large"}) == ""
+    assert label_problem({f"k{i}": "v" for i in range(33)}) == "33 labels given; pass at most 32"
+    assert label_problem({"": "x"}).startswith("invalid label key ''")
+    assert label_problem({"size": "s" * 129}).startswith("invalid value for label 'size': ")
+    assert label_problem({"size": "a\x1b[31m"}).startswith("invalid value for label 'size': ")

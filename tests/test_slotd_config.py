@@ -127,3 +127,52 @@ def test_example_box_is_valid():
     assert [spec.name for spec in config.slots] == [
         "agent", "utility", "embed", "rerank", "stt", "tts", "img", "vision"
     ]
+
+
+def test_negative_model_memory(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a")], models=[model("m1", ["a"], memory=-20_000_000_000)])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.models]] id = 'm1': field 'memory': invalid size "
+        "-20000000000; use a size from 0 to 1 EiB such as '8GiB'"
+    )
+
+
+def test_oversized_device_memory(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a")], devices=[{"name": "dev0", "memory": "99999999999TiB"}])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.devices]] name = 'dev0': field 'memory': invalid size "
+        "'99999999999TiB'; use a size from 0 to 1 EiB such as '8GiB', or 'auto'"
+    )
+
+
+def test_infinite_timeout(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a", start_timeout=float("inf"))])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.slots]] name = 'a': field 'start_timeout': "
+        "invalid value inf; use a finite number of seconds"
+    )
+
+
+def test_misspelled_section(tmp_path):
+    path = write_config(tmp_path, slots=[slot("a")])
+    path.write_text(path.read_text() + "\n[dispatchr]\nlisten = '127.0.0.1:1'\n")
+    with pytest.raises(ConfigError) as raised:
+        load_slotd_config(path)
+    assert str(raised.value) == (
+        f"{path}: [dispatchr]: unknown section; the known sections are [slotd] and [dispatcher]"
+    )
+
+
+def test_binary_file_is_config_error(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ConfigError) as raised:
+        load_slotd_config(path)
+    assert str(raised.value).startswith(f"{path}: file: not UTF-8 text (")
+    assert str(raised.value).endswith("; save the config as UTF-8 TOML")
+
+
+def test_directory_is_config_error(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_slotd_config(tmp_path)
+    assert str(raised.value) == f"{tmp_path}: file: is a directory; pass a TOML file"

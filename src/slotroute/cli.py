@@ -217,7 +217,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    from slotroute.configfile import ConfigError, load_toml
+    from slotroute.configfile import ConfigError, check_sections, load_toml
     from slotroute.dispatch.config import load_dispatcher_config
     from slotroute.slot.config import load_slotd_config
 
@@ -225,6 +225,7 @@ def cmd_check_config(args) -> int:
     summary: dict[str, dict[str, Any]] = {}
     try:
         document = load_toml(path)
+        check_sections(path, document)
         if "slotd" in document:
             slotd = load_slotd_config(path)
             summary["slotd"] = {
@@ -269,11 +270,23 @@ def cmd_check_config(args) -> int:
 
 
 def _metadata(args) -> tuple[tuple[str, str], ...]:
-    token = os.environ.get("SLOTROUTE_TOKEN", "")
+    token = os.environ.get("SLOTROUTE_TOKEN", "").strip()
+    source = "$SLOTROUTE_TOKEN"
     token_file = getattr(args, "token_file", None)
     if token_file:
-        with open(token_file, encoding="utf-8") as handle:
-            token = handle.read().strip()
+        source = token_file
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            print(f"error: cannot read token file {token_file}: {error}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+    # A header value must be one line of printable ASCII; anything else would
+    # fail deep inside gRPC with a traceback.
+    if token and not (token.isascii() and token.isprintable()):
+        print(f"error: the token from {source} is not one line of printable ASCII; "
+              "put only the token in it", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
@@ -701,7 +714,7 @@ def cmd_load(args) -> int:
         slot = answer.slot
         line = f"{slot.name}: {_state_name(slot.state)} {slot.model_id} {slot.endpoint_url}"
         if answer.joined:
-            line += " (joined a load in progress)"
+            line += " (already loaded or loading; joined it)"
         if answer.evicted:
             line += f" (evicted {', '.join(answer.evicted)})"
         print(line)
@@ -949,6 +962,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`slotroute slots | head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

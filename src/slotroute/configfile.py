@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 import tomllib
@@ -48,6 +49,22 @@ def load_toml(path: pathlib.Path) -> dict[str, Any]:
         raise ConfigError(path, "file", None, "file not found; pass an existing config file") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(path, "file", None, f"invalid TOML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, "file", None,
+                          f"not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "save the config as UTF-8 TOML") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "file", None, "is a directory; pass a TOML file") from None
+    except OSError as error:
+        raise ConfigError(path, "file", None, f"cannot read: {error.strerror or error}") from None
+
+
+def check_sections(path: pathlib.Path, document: dict[str, Any]) -> None:
+    """Reject top-level tables other than [slotd] and [dispatcher], such as a misspelled one."""
+    unknown = sorted(set(document) - {"slotd", "dispatcher"})
+    if unknown:
+        raise ConfigError(path, f"[{unknown[0]}]", None,
+                          "unknown section; the known sections are [slotd] and [dispatcher]")
 
 
 def parse_size(text: str) -> int:
@@ -55,7 +72,17 @@ def parse_size(text: str) -> int:
     match = _SIZE_RE.match(text)
     if not match or match.group(2).upper() not in _SIZE_UNITS:
         raise ValueError(f"invalid size {text!r}; use a number with a unit such as '8GiB'")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    return _check_size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]), text)
+
+
+# Sizes travel as uint64 on the wire; no real device comes close to this bound.
+MAX_SIZE = 2**60
+
+
+def _check_size(count: int, shown: object) -> int:
+    if not 0 <= count <= MAX_SIZE:
+        raise ValueError(f"invalid size {shown!r}; use a size from 0 to 1 EiB such as '8GiB'")
+    return count
 
 
 def format_size(count: int) -> str:
@@ -116,15 +143,19 @@ class Fields:
 
     def seconds(self, name: str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
         value = self._get(name, default, (int, float), "a number of seconds")
+        if value is not default and value is not None and not math.isfinite(value):
+            raise self.error(name, f"invalid value {value}; use a finite number of seconds")
         if value is not default and value < minimum:
             raise self.error(name, f"invalid value {value}; must be at least {minimum} seconds")
         return float(value) if value is not None else None
 
     def size(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default, (int, str), "a size such as '8GiB' or a byte count")
-        if value is default or isinstance(value, int):
+        if value is default:
             return value
         try:
+            if isinstance(value, int):
+                return _check_size(value, value)
             return parse_size(value)
         except ValueError as error:
             raise self.error(name, str(error)) from None

@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from slotroute.configfile import ConfigError, Fields, load_toml
+from slotroute.configfile import ConfigError, Fields, check_sections, load_toml
 from slotroute.ids import InvalidModelId, check_model_id, model_key
 from slotroute.netaddr import parse_listen
 from slotroute.opsconfig import (
@@ -77,6 +77,7 @@ def load_dispatcher_config(
     """Load and validate the `[dispatcher]` section; `listen` and `sources` override it."""
     path = pathlib.Path(path)
     document = load_toml(path)
+    check_sections(path, document)
     if "dispatcher" not in document:
         raise ConfigError(path, "[dispatcher]", None, "section missing; add a [dispatcher] table")
     section = Fields(path, "dispatcher", document["dispatcher"])

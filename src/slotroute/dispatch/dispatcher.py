@@ -141,7 +141,16 @@ class Dispatcher:
             if decision.kind is Kind.ROUTED:
                 if tier is not None and decision.tier is not None:
                     decision = dataclasses.replace(decision, tier=tier)
-                return await self._routed(decision, policy, cold_start)
+                outcome = await self._routed(decision, policy, cold_start)
+                if outcome is not None:
+                    return outcome
+                # The slot left READY between the decision and the lease (a queued
+                # swap began): decide again once the table shows the change.
+                try:
+                    await asyncio.wait_for(changed.wait(), max(deadline - loop.time(), 0))
+                except TimeoutError:
+                    return Outcome(decision, cold_start=True, timed_out=True)
+                continue
             if decision.kind not in (Kind.WAIT, Kind.LOAD):
                 return Outcome(decision, cold_start=cold_start)
             tier = tier or decision.tier
@@ -216,7 +225,8 @@ class Dispatcher:
         if self._loads.get(key) is task:
             del self._loads[key]
 
-    async def _routed(self, decision: Decision, policy: Policy, cold_start: bool) -> Outcome:
+    async def _routed(self, decision: Decision, policy: Policy, cold_start: bool) -> Outcome | None:
+        """Take the lease the caller asked for; None when the slot is no longer READY."""
         if not policy.lease:
             return Outcome(decision, cold_start=cold_start)
         assert decision.slot is not None
@@ -224,6 +234,8 @@ class Dispatcher:
             lease = await self._backend.acquire_lease(decision.source, decision.slot.name,
                                                       policy.lease_ttl)
         except LoadError as error:
+            if error.reason == "SLOT_NOT_READY":
+                return None
             return Outcome(decision, cold_start=cold_start, load_error=error)
         return Outcome(decision, cold_start=cold_start, lease=lease)
 

@@ -36,7 +36,7 @@ class Kind(enum.Enum):
     WAIT = "WAIT"
     # Ask slotd to load `load_model` into the slot, then wait.
     LOAD = "LOAD"
-    # No tier knows the id, or no slot offers the capability.
+    # No tier matches the id, or no slot offers the capability.
     NOT_FOUND = "NOT_FOUND"
     # A source is unreachable or stale, or an external endpoint is down.
     UNAVAILABLE = "UNAVAILABLE"

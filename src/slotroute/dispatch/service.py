@@ -240,6 +240,25 @@ async def release_lease(dispatcher: Dispatcher, request, context):
     return _route_pb2.ReleaseLeaseResponse(released=released)
 
 
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 128
+
+
+def label_problem(labels) -> str:
+    """Describe the first invalid required label, or return "" when all are valid."""
+    if len(labels) > MAX_LABELS:
+        return f"{len(labels)} labels given; pass at most {MAX_LABELS}"
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            return (f"invalid label key {key[:40]!r}; use 1 to 63 letters, digits, '.', '_', '/' "
+                    "or '-', starting with a letter or digit")
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            return (f"invalid value for label {key!r}: {value[:40]!r}; use at most "
+                    f"{MAX_LABEL_VALUE} printable characters")
+    return ""
+
+
 class CapabilityService(_capability_pb2_grpc.CapabilityServiceServicer):
     def __init__(self, dispatcher: Dispatcher, slot_to_proto, *,
                  observer: DecisionObserver | None = None):
@@ -258,6 +277,14 @@ class CapabilityService(_capability_pb2_grpc.CapabilityServiceServicer):
                 f"invalid capability {request.capability[:80]!r}; use a lower-case name such as "
                 "'chat', 'embed', 'rerank', 'stt', 'tts', 'image' or 'vision'",
                 domain=DOMAIN, reason="INVALID_CAPABILITY", metadata={"field": "capability"}))
+
+        problem = label_problem(request.labels)
+        if problem:
+            _log_decision("route", capability, None, started, "INVALID_ARGUMENT",
+                          observer=self._observer)
+            await rpc.abort(context, rpc.rich_status(
+                grpc.StatusCode.INVALID_ARGUMENT, problem, domain=DOMAIN,
+                reason="INVALID_LABELS", metadata={"field": "labels"}))
 
         dispatcher = self._dispatcher
         outcome = await dispatcher.route(

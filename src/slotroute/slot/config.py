@@ -12,7 +12,7 @@ import pathlib
 import string
 from typing import Any
 
-from slotroute.configfile import ConfigError, Fields, load_toml, parse_size
+from slotroute.configfile import ConfigError, Fields, check_sections, load_toml, parse_size
 from slotroute.ids import InvalidModelId, check_model_id, model_key
 from slotroute.netaddr import parse_listen
 from slotroute.opsconfig import SLOTD_METRICS_LISTEN, ServerOps, read_server_ops
@@ -176,6 +176,7 @@ def load_slotd_config(
     """
     path = pathlib.Path(path)
     document = load_toml(path)
+    check_sections(path, document)
     if "slotd" not in document:
         raise ConfigError(path, "[slotd]", None, "section missing; add a [slotd] table")
     section = Fields(path, "slotd", document["slotd"])
@@ -272,11 +273,9 @@ def _device(entry: Fields) -> DeviceSpec:
     raw_memory = entry._get("memory", "auto", (int, str), "a size such as '24GiB' or 'auto'")
     if raw_memory == "auto":
         memory: int | None = None
-    elif isinstance(raw_memory, int):
-        memory = raw_memory
     else:
         try:
-            memory = parse_size(raw_memory)
+            memory = parse_size(str(raw_memory))
         except ValueError as error:
             raise entry.error("memory", f"{error}, or 'auto'") from None
     device = DeviceSpec(

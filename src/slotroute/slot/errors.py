@@ -47,3 +47,11 @@ class ShuttingDown(SlotError):
 
 class LeaseRefused(SlotError):
     """The slot cannot take a lease now (not READY)."""
+
+
+class InvalidRequest(SlotError):
+    """A request field with a value slotd cannot use."""
+
+
+class TooManyLeases(SlotError):
+    pass

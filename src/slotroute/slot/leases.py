@@ -32,6 +32,11 @@ class LeaseRecord:
     timer: asyncio.TimerHandle | None = None
 
 
+# Bounds that keep one client from growing slotd's memory without limit.
+MAX_LEASES_PER_SLOT = 4096
+MAX_HOLDER_LENGTH = 128
+
+
 class LeaseBook:
     """Every lease held on the slots of one slotd."""
 
@@ -40,6 +45,8 @@ class LeaseBook:
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
         self._leases: dict[str, LeaseRecord] = {}
+        # Leases per slot, kept alongside so that taking one costs O(1).
+        self._counts: dict[str, int] = {}
         table.add_listener(self._on_change)
 
     def acquire(self, slot: str, ttl: float, holder: str) -> LeaseRecord:
@@ -52,13 +59,20 @@ class LeaseBook:
             raise errors.LeaseRefused(
                 f"slot {slot!r} is {status.state.value}, not READY; leases are taken on READY slots"
             )
+        if ttl < 0:
+            raise errors.InvalidRequest(f"invalid lease ttl {ttl:g} s; pass 0 for the default or a positive duration")
+        if self._counts.get(slot, 0) >= MAX_LEASES_PER_SLOT:
+            raise errors.TooManyLeases(
+                f"slot {slot!r} already has {MAX_LEASES_PER_SLOT} leases; release leases you no longer need"
+            )
         ttl = min(ttl or self.default_ttl, self.max_ttl)
         lease = LeaseRecord(
             id=uuid.uuid4().hex, slot=slot, generation=status.generation,
-            expires_at=time.time() + ttl, holder=holder,
+            expires_at=time.time() + ttl, holder=holder[:MAX_HOLDER_LENGTH],
         )
         lease.timer = asyncio.get_running_loop().call_later(ttl, self._expire, lease.id)
         self._leases[lease.id] = lease
+        self._counts[slot] = self._counts.get(slot, 0) + 1
         self._count(slot)
         logger.debug("slot=%s lease=%s taken by %s for %.1f s", slot, lease.id, holder, ttl)
         return lease
@@ -69,15 +83,19 @@ class LeaseBook:
 
     def drop_slot(self, slot: str) -> None:
         """End every lease of a slot, as when its process stopped or the slot was removed."""
-        for lease in [lease for lease in self._leases.values() if lease.slot == slot]:
-            self._drop(lease.id)
+        dropped = [lease for lease in self._leases.values() if lease.slot == slot]
+        for lease in dropped:
+            self._drop(lease.id, publish=False)
+        # One update for the whole batch, not one event per lease.
+        if dropped and self._table.get(slot) is not None:
+            self._count(slot)
 
     def clear(self) -> None:
         for lease_id in list(self._leases):
             self._drop(lease_id)
 
     def count(self, slot: str) -> int:
-        return sum(1 for lease in self._leases.values() if lease.slot == slot)
+        return self._counts.get(slot, 0)
 
     def _expire(self, lease_id: str) -> None:
         lease = self._leases.get(lease_id)
@@ -85,13 +103,18 @@ class LeaseBook:
             logger.info("slot=%s lease=%s of %s expired after its TTL", lease.slot, lease.id, lease.holder)
         self._drop(lease_id)
 
-    def _drop(self, lease_id: str) -> bool:
+    def _drop(self, lease_id: str, publish: bool = True) -> bool:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False
+        remaining = self._counts.get(lease.slot, 1) - 1
+        if remaining:
+            self._counts[lease.slot] = remaining
+        else:
+            self._counts.pop(lease.slot, None)
         if lease.timer is not None:
             lease.timer.cancel()
-        if self._table.get(lease.slot) is not None:
+        if publish and self._table.get(lease.slot) is not None:
             self._count(lease.slot)
         return True
 

@@ -280,9 +280,26 @@ class SlotManager:
             queue.leave(ticket)
             self.idle.refresh(slot)
 
+    async def _wait_residency(self, supervisor: Supervisor) -> None:
+        """Let a model that just became READY serve `min_residency` seconds before a swap.
+
+        Without this, callers alternating two models on one slot would swap it
+        on every request, and each caller would receive a URL that dies at once.
+        """
+        residency = supervisor.spec.min_residency
+        ready_at = self.timeline.ready_at(supervisor.name)
+        if residency <= 0 or ready_at is None or supervisor.status.state is not State.READY:
+            return
+        remaining = ready_at + residency - time.time()
+        if remaining > 0:
+            logger.info("slot=%s swap waits %.1f s for min_residency of %s",
+                        supervisor.name, remaining, supervisor.status.model_id)
+            await asyncio.sleep(remaining)
+
     async def _swap_in(self, supervisor: Supervisor, model: ModelSpec, reason: Reason) -> LoadOutcome:
         """Admit the model, stop what the slot runs, start the model and wait for READY."""
         slot = supervisor.name
+        await self._wait_residency(supervisor)
         need = self._need(model)
         evicted = await self.admission.admit(supervisor, model.id, need)
         try:

@@ -149,6 +149,10 @@ def status_for(error: Exception) -> grpc.Status:
         return build(grpc.StatusCode.UNAVAILABLE, "BACKOFF", retry_delay=error.delay)
     if isinstance(error, errors.ShuttingDown):
         return build(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", retry_delay=1.0)
+    if isinstance(error, errors.TooManyLeases):
+        return build(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_LEASES")
+    if isinstance(error, errors.InvalidRequest):
+        return build(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     if isinstance(error, errors.LeaseRefused):
         return build(grpc.StatusCode.FAILED_PRECONDITION, "SLOT_NOT_READY")
     if isinstance(error, StartFailed):
