@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import pathlib
 import sys
@@ -814,6 +815,17 @@ def cmd_health(args) -> int:
 # -- argument parsing -----------------------------------------------------------------
 
 
+def _positive_seconds(text: str) -> float:
+    """Parse a --timeout value: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}; use a number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slotroute",
@@ -890,7 +902,7 @@ def _add_client_commands(commands) -> None:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.add_argument("--quiet", "-q", action="store_true",
                          help="print only the result: no progress or details")
-        sub.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS",
+        sub.add_argument("--timeout", type=_positive_seconds, default=timeout, metavar="SECONDS",
                          help=f"deadline of the call in seconds (default: {timeout:g})")
         sub.add_argument("--token-file", metavar="FILE",
                          help="file containing the bearer token (default: $SLOTROUTE_TOKEN)")
