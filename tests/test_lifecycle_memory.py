@@ -177,11 +177,12 @@ async def test_unfittable_load_fails_at_once(tmp_path):
 
 
 async def test_model_larger_than_device_fails(tmp_path):
+    # A declared size that cannot fit is a config error; an estimated one is found at load.
     path = write_config(
         tmp_path,
-        devices=[{"name": "dev0", "memory": "1GiB"}],
+        devices=[{"name": "dev0", "memory": "100MiB"}],
         slots=[slot("a", model="big")],
-        models=[model("big", ["a"], memory="4GiB")],
+        models=[{"id": "big", "path": "big.bin", "capability": "chat", "slots": ["a"]}],
     )
     async with running_slotd(path) as slotd, slot_stub(slotd.address) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -189,7 +190,7 @@ async def test_model_larger_than_device_fails(tmp_path):
 
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert caught.value.details().startswith(
-        "model 'big' needs 4.0 GiB on device 'dev0', but only 1.0 GiB is free"
+        "model 'big' needs 256.0 MiB on device 'dev0', but only 100.0 MiB is free"
     )
 
 

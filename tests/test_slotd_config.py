@@ -176,3 +176,36 @@ def test_directory_is_config_error(tmp_path):
     with pytest.raises(ConfigError) as raised:
         load_slotd_config(tmp_path)
     assert str(raised.value) == f"{tmp_path}: file: is a directory; pass a TOML file"
+
+
+def test_model_capability_not_offered(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a")], models=[model("m1", ["a"], capability="tts")])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.models]] id = 'm1': field 'capability': capability 'tts' "
+        "is not offered by slot 'a' (chat); add it to the slot or remove the slot"
+    )
+
+
+def test_model_larger_than_device(tmp_path):
+    message = load_error(tmp_path, slots=[slot("a")], models=[model("m1", ["a"], memory="80GiB")],
+                         devices=[{"name": "dev0", "memory": "24GiB"}])
+    assert message == (
+        f"{tmp_path / 'box.toml'}: [[slotd.models]] id = 'm1': field 'memory': model needs "
+        "80.0 GiB but the largest device of its slots has 24.0 GiB; it could never load"
+    )
+
+
+def test_dispatcher_on_slotd_port(tmp_path):
+    port = _PORT_BASE - 7
+    message = load_error(tmp_path, slots=[slot("a")], slotd={"listen": f"127.0.0.1:{port}"},
+                         dispatcher={"listen": f"127.0.0.1:{port}"})
+    assert message == (
+        f"{tmp_path / 'box.toml'}: slotd: field 'listen': port {port} is also [dispatcher] listen; "
+        "give the two services different ports"
+    )
+
+
+def test_port_range_contains_metrics_port(tmp_path):
+    metrics = _PORT_BASE + 3
+    message = load_error(tmp_path, slots=[slot("a")], slotd={"metrics_listen": f"127.0.0.1:{metrics}"})
+    assert f"field 'ports': port range {TEST_PORTS} contains the service port {metrics}" in message

@@ -12,10 +12,22 @@ import pathlib
 import string
 from typing import Any
 
-from slotroute.configfile import ConfigError, Fields, check_sections, load_toml, parse_size
+from slotroute.configfile import (
+    ConfigError,
+    Fields,
+    check_sections,
+    format_size,
+    load_toml,
+    parse_size,
+)
 from slotroute.ids import InvalidModelId, check_model_id, model_key
 from slotroute.netaddr import parse_listen
-from slotroute.opsconfig import SLOTD_METRICS_LISTEN, ServerOps, read_server_ops
+from slotroute.opsconfig import (
+    DISPATCHER_METRICS_LISTEN,
+    SLOTD_METRICS_LISTEN,
+    ServerOps,
+    read_server_ops,
+)
 
 # Placeholders a slot command and its environment may use.
 # {python} is the interpreter running slotd, for backends written in Python.
@@ -189,9 +201,13 @@ def load_slotd_config(
         raise section.error("listen", str(error)) from None
 
     reserved = {service_port} if service_port else set()
-    other_listen = _dispatcher_listen(document)
-    if other_listen:
-        reserved.add(other_listen)
+    other_ports = _other_service_ports(document)
+    if service_port and service_port == other_ports.get("dispatcher listen"):
+        raise section.error(
+            "listen",
+            f"port {service_port} is also [dispatcher] listen; give the two services different ports",
+        )
+    reserved.update(port for port in other_ports.values() if port)
     port_range = _port_range(section, reserved)
 
     cache_dir = (path.parent / section.string("cache_dir", "models")).resolve()
@@ -235,17 +251,33 @@ def load_slotd_config(
     )
     section.finish()
     _check_default_models(config, section)
+    _check_model_fit(config)
     return config
 
 
-def _dispatcher_listen(document: dict[str, Any]) -> int | None:
-    dispatcher = document.get("dispatcher")
-    if isinstance(dispatcher, dict) and isinstance(dispatcher.get("listen"), str):
+def _other_service_ports(document: dict[str, Any]) -> dict[str, int]:
+    """Ports of the file's other listeners (dispatcher, metrics), which backends must avoid.
+
+    Unset values take their defaults; a value that does not parse is left to
+    the section that owns it to report.
+    """
+    listeners = {
+        "dispatcher listen": ("dispatcher", "listen", "127.0.0.1:50052" if "dispatcher" in document else ""),
+        "dispatcher metrics_listen": ("dispatcher", "metrics_listen",
+                                      DISPATCHER_METRICS_LISTEN if "dispatcher" in document else ""),
+        "slotd metrics_listen": ("slotd", "metrics_listen", SLOTD_METRICS_LISTEN),
+    }
+    ports: dict[str, int] = {}
+    for label, (section, field, default) in listeners.items():
+        table = document.get(section)
+        value = table.get(field, default) if isinstance(table, dict) else ""
+        if not isinstance(value, str) or not value:
+            continue
         try:
-            return parse_listen(dispatcher["listen"])[1] or None
+            ports[label] = parse_listen(value)[1]
         except ValueError:
-            return None
-    return None
+            continue
+    return ports
 
 
 def _port_range(section: Fields, reserved: set[int]) -> tuple[int, int]:
@@ -471,6 +503,31 @@ def _check_default_models(config: SlotdConfig, section: Fields) -> None:
             raise ConfigError(
                 config.path, entry, "default_model",
                 f"model {model.id!r} does not list slot {slot.name!r} in its 'slots'",
+            )
+
+
+def _check_model_fit(config: SlotdConfig) -> None:
+    """Each catalog model must do work its slots offer and fit a device that can host it."""
+    slots = {slot.name: slot for slot in config.slots}
+    devices = {device.name: device for device in config.devices}
+    for model in config.models:
+        entry = f"[[slotd.models]] id = {model.id!r}"
+        for name in model.slots:
+            if model.capability not in slots[name].capabilities:
+                raise ConfigError(
+                    config.path, entry, "capability",
+                    f"capability {model.capability!r} is not offered by slot {name!r} "
+                    f"({', '.join(slots[name].capabilities)}); add it to the slot or remove the slot",
+                )
+        if model.memory_bytes is None:
+            continue
+        sizes = [devices[slots[name].device].memory_bytes for name in model.slots]
+        if all(size is not None and model.memory_bytes > size for size in sizes):
+            largest = max(size for size in sizes if size is not None)
+            raise ConfigError(
+                config.path, entry, "memory",
+                f"model needs {format_size(model.memory_bytes)} but the largest device of its slots "
+                f"has {format_size(largest)}; it could never load",
             )
 
 
