@@ -357,3 +357,15 @@ def test_list_routes_every_tier():
     assert [(item.model, item.tier, item.slot) for item in with_prefetch] == [
         ("kokoro", Tier.REGISTRY, "tts"), ("m1", Tier.PASSTHROUGH, "a"), ("m2", Tier.PREFETCH, "b"),
     ]
+
+
+def test_list_routes_unloaded_binding_offline():
+    entries = [RegistryEntry(id="m2", slot="a")]
+    source = view(info("a", State.READY, model="m1"),
+                  catalog=(cached("m1", "a"), cached("m2", "a")))
+
+    listed = list_routes(Registry(entries), [source], now=NOW, wall_now=WALL_NOW, staleness=STALENESS)
+
+    assert [(item.model, item.slot, item.state) for item in listed] == [
+        ("m2", "a", State.OFFLINE), ("m1", "a", State.READY),
+    ]

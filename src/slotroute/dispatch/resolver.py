@@ -481,8 +481,12 @@ def list_routes(
                                               staleness=staleness)
         if decision.kind in _NOT_ROUTABLE or decision.slot is None:
             continue
+        state = decision.slot.state
+        if decision.kind is Kind.LOAD and not entry.capability:
+            # The bound slot runs another model (or none): this one is not loaded.
+            state = State.OFFLINE
         listings.append(RouteListing(entry.id, entry.aliases, Tier.REGISTRY, decision.source,
-                                     decision.slot.name, decision.slot.state, entry.capability))
+                                     decision.slot.name, state, entry.capability))
         seen.add(model_key(entry.id))
         seen.update(model_key(alias) for alias in entry.aliases)
 
