@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -476,8 +477,35 @@ def _target_final(target) -> tuple[str, int]:
 
 
 def _run_client(coroutine) -> int:
+    """Run a client command; Ctrl+C cancels it in an orderly way and returns 130.
+
+    SIGINT cancels the command's task from a loop signal handler instead of
+    raising KeyboardInterrupt at an arbitrary point, which could leave a gRPC
+    channel half closed and the process hanging at exit.
+    """
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(coroutine)
+        interrupted = False
+
+        def on_interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if interrupted:
+                return EXIT_INTERRUPTED
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
     try:
-        return asyncio.run(coroutine)
+        return asyncio.run(main())
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
@@ -664,7 +692,8 @@ def cmd_watch(args) -> int:
     async def run() -> int:
         async with _channel(args.slotd) as channel:
             stub = slot_pb2_grpc.SlotServiceStub(channel)
-            call = stub.WatchSlots(slot_pb2.WatchSlotsRequest(), metadata=_metadata(args) or None)
+            call = stub.WatchSlots(slot_pb2.WatchSlotsRequest(), timeout=args.timeout,
+                                   metadata=_metadata(args) or None)
             started = time.monotonic()
             try:
                 async for event in call:
@@ -680,6 +709,8 @@ def cmd_watch(args) -> int:
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.CANCELLED:
                     return EXIT_OK
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout:
+                    return EXIT_OK  # --timeout ended the watch, as asked.
                 return _print_rpc_error(error, args.json, args.slotd)
         # slotd ends the stream when it shuts down.
         print("stream ended by slotd", file=sys.stderr)
@@ -889,7 +920,7 @@ def _add_client_commands(commands) -> None:
     dispatcher_help = f"dispatcher address (default: $SLOTROUTE_DISPATCHER or {DEFAULT_DISPATCHER})"
 
     def client(name: str, help_text: str, handler, *, slotd: bool = True, dispatcher: bool = False,
-               timeout: float = 120.0) -> argparse.ArgumentParser:
+               timeout: float | None = 120.0) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if slotd:
             shown_help = (slotd_help + "; progress lines come from it") if dispatcher else slotd_help
@@ -902,8 +933,9 @@ def _add_client_commands(commands) -> None:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.add_argument("--quiet", "-q", action="store_true",
                          help="print only the result: no progress or details")
+        shown = f"{timeout:g}" if timeout is not None else "none"
         sub.add_argument("--timeout", type=_positive_seconds, default=timeout, metavar="SECONDS",
-                         help=f"deadline of the call in seconds (default: {timeout:g})")
+                         help=f"deadline of the call in seconds (default: {shown})")
         sub.add_argument("--token-file", metavar="FILE",
                          help="file containing the bearer token (default: $SLOTROUTE_TOKEN)")
         sub.add_argument("--ca-file", metavar="FILE", default=os.environ.get("SLOTROUTE_CA_FILE"),
@@ -940,7 +972,8 @@ def _add_client_commands(commands) -> None:
 
     client("slots", "list slots as a table", cmd_slots, timeout=10.0)
 
-    sub = client("watch", "stream slot state changes until Ctrl+C", cmd_watch)
+    sub = client("watch", "stream slot state changes until Ctrl+C or --timeout", cmd_watch,
+                 timeout=None)
     sub.add_argument("--heartbeats", action="store_true", help="also print heartbeats")
 
     sub = client("load", "load a model into a slot", cmd_load)
