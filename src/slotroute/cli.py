@@ -670,8 +670,10 @@ def _watch_line(event, started: float, heartbeats: bool) -> str | None:
     stamp = f"+{time.monotonic() - started:7.2f}s  r{event.revision:<6}"
     if event.type == slot_pb2.EVENT_TYPE_SLOT:
         slot = event.slot
+        # pid and leases tell apart events that change only those fields.
+        details = f"pid {slot.pid or '-'}, leases {slot.in_flight}"
         return (f"{stamp} {slot.name:<10} {_state_name(slot.state):<10} "
-                f"{slot.model_id or '-':<24} {slot.message}").rstrip()
+                f"{slot.model_id or '-':<24} {slot.message}  ({details})").rstrip()
     if event.type == slot_pb2.EVENT_TYPE_HEARTBEAT:
         return f"{stamp} heartbeat" if heartbeats else None
     if event.type == slot_pb2.EVENT_TYPE_CATALOG:
