@@ -31,6 +31,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -494,7 +495,10 @@ def _run_client(coroutine) -> int:
             interrupted = True
             task.cancel()
 
-        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        # Signal handlers exist only in the main thread (tests also call main() from others).
+        handled = threading.current_thread() is threading.main_thread()
+        if handled:
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
         try:
             return await task
         except asyncio.CancelledError:
@@ -502,7 +506,8 @@ def _run_client(coroutine) -> int:
                 return EXIT_INTERRUPTED
             raise
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            if handled:
+                loop.remove_signal_handler(signal.SIGINT)
 
     try:
         return asyncio.run(main())
