@@ -79,9 +79,9 @@ def parse_size(text: str) -> int:
 MAX_SIZE = 2**60
 
 
-def _check_size(count: int, shown: object) -> int:
+def _check_size(count: int, original: object) -> int:
     if not 0 <= count <= MAX_SIZE:
-        raise ValueError(f"invalid size {shown!r}; use a size from 0 to 1 EiB such as '8GiB'")
+        raise ValueError(f"invalid size {original!r}; use a size from 0 to 1 EiB such as '8GiB'")
     return count
 
 
