@@ -14,7 +14,7 @@ the first health probe gets status 200, so the subtracted span is the backend's
 own start (process launch, bind, load delay) plus the wait until the next
 probe. The rest is the routing path: the Resolve call, the decision, the
 LoadModel call, slotd's admission, the READY event's trip to the dispatcher
-and the answer.
+and the response.
 
 For scale, the backend's time to healthy is also measured without slotd:
 the same command is spawned from here and probed with slotd's own probe

@@ -5,7 +5,7 @@ server options, health and reflection services) with a unary handler for
 /slotroute.dispatch.v1.TransportService/Resolve that deserializes a
 ResolveRequest and serializes a ResolveResponse, as the generated code
 registers it. The handler does no work: it returns one prebuilt response,
-normally the bytes of a real dispatcher answer, so both servers send equal
+normally the bytes of a real dispatcher response, so both servers send equal
 payloads.
 
 Run: python bench/noop.py --listen 127.0.0.1:PORT [--response-hex HEX] [--uvloop]

@@ -103,9 +103,9 @@ async def load(stub, wait: bool = True):
     return await stub.LoadModel(slot_pb2.LoadModelRequest(slot="a", model_id="m1", wait=wait))
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of the processes in group `pgid` that are alive and not zombies, from /proc."""
-    members = []
+def _live_processes() -> list[tuple[int, list[str]]]:
+    """(pid, stat fields after the command name) of every live, non-zombie process, from /proc."""
+    processes = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -114,25 +114,19 @@ def live_group_members(pgid: int) -> list[int]:
                 fields = handle.read().rpartition(")")[2].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(name))
-    return members
+        if fields[0] != "Z":
+            processes.append((int(name), fields))
+    return processes
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in group `pgid`."""
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
 
 
 def children_of(pid: int) -> list[int]:
-    """Pids of the live processes whose parent is `pid`, from /proc."""
-    children = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as handle:
-                fields = handle.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            children.append(int(name))
-    return children
+    """Pids of the live processes whose parent is `pid`."""
+    return [child for child, fields in _live_processes() if int(fields[1]) == pid]
 
 
 async def still_alive_after(pids, max_wait: float) -> list[int]:

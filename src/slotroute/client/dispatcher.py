@@ -19,7 +19,7 @@ from slotroute.dispatch.v1 import (
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where to send a request: the result of Resolve or Route."""
+    """The endpoint to send a request to: the result of Resolve or Route."""
 
     endpoint_url: str
     slot: str

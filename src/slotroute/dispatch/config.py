@@ -1,7 +1,7 @@
 """The dispatcher's config: slotd sources, waiting limits and the model registry, from TOML.
 
 The dispatcher reads `[dispatcher]` and its array `[[dispatcher.models]]`.
-When the same file also holds a `[slotd]` section, registry bindings are
+When the same file also contains a `[slotd]` section, registry bindings are
 checked against its slots and capabilities at load time.
 """
 

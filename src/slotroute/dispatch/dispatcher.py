@@ -1,4 +1,4 @@
-"""The dispatcher's core loop: ask the resolver, then answer, wait or load, and ask again.
+"""The dispatcher's core loop: ask the resolver, then respond, wait or load, and ask again.
 
 Waiting is bounded by the caller's deadline and by max_wait. Concurrent
 requests that need the same cold start share one load call per (source, slot,
@@ -72,7 +72,7 @@ class Outcome:
 
 
 class Dispatcher:
-    """Answers Resolve and Route from the source tables."""
+    """Decides Resolve and Route from the source tables."""
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 Nothing here waits, calls the network or reads a clock: `now` comes in as an
 argument, so every decision can be tested from plain values. The dispatcher
-service acts on the decision (answer, wait, or ask slotd to load) and then
+service acts on the decision (respond, wait, or ask slotd to load) and then
 asks again with fresher views.
 
 Transport axis (`resolve`): tier 1 REGISTRY, tier 2 PASSTHROUGH, tier 3
@@ -380,7 +380,7 @@ def _group(slot: SlotInfo) -> int | None:
     if slot.state in LOADING_STATES:
         return _GROUP_LOADING
     if slot.state is State.OFFLINE:
-        # An OFFLINE slot can start only if slotd runs it and knows what to load.
+        # An OFFLINE slot can start only if slotd runs it and it has a default model.
         return _GROUP_STARTABLE if slot.default_model and not slot.external else None
     if slot.state in (State.DRAINING, State.UNLOADING):
         return _GROUP_LEAVING if slot.default_model else None
@@ -469,7 +469,7 @@ def list_routes(
     staleness: float,
     include_prefetch: bool = False,
 ) -> list[RouteListing]:
-    """Every model id that resolves now, with its tier, slot and state."""
+    """List every model id that resolves now, with its tier, slot and state."""
     listings: list[RouteListing] = []
     seen: set[str] = set()
     for entry in registry.entries:

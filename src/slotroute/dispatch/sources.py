@@ -21,7 +21,7 @@ from slotroute.slot.states import State
 
 @dataclasses.dataclass(frozen=True)
 class SlotInfo:
-    """What the dispatcher knows of one slot."""
+    """The dispatcher's copy of one slot's state."""
 
     name: str
     state: State

@@ -48,14 +48,14 @@ class ProbeSpec:
 
     kind: str = "http"
     path: str = "/health"
-    # For HTTP probes: a 200 answer is ready only if its body contains this text.
+    # For HTTP probes: a 200 response counts as ready only if its body contains this text.
     body_contains: str = ""
     # For gRPC probes: the service name passed to grpc.health.v1.Health/Check.
     service: str = ""
     # Seconds between probes while starting. The default is short enough to
     # observe llama-server's 503 "Loading model" window, which lasts ~60 ms.
     interval: float = 0.01
-    # Seconds between probes once READY, to notice a backend that stops answering.
+    # Seconds between probes once READY, to notice a backend that stops responding.
     ready_interval: float = 2.0
     # Seconds one probe may take.
     timeout: float = 1.0

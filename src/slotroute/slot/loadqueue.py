@@ -1,4 +1,4 @@
-"""The load queue of one slot: one load holds the slot's turn, the others wait first in first out.
+"""The load queue of one slot: one load has the slot's turn, the others wait first in first out.
 
 A load is a ticket. Callers that ask for the same model while its ticket is
 waiting or running share that ticket instead of queueing a second one. A
@@ -31,12 +31,12 @@ class Ticket:
     waiters: int = 0
     # Set by a caller that does not wait: the load runs even with no waiter.
     kept: bool = False
-    # Set once the ticket holds the slot's turn.
+    # Set once the ticket has the slot's turn.
     started: bool = False
 
 
 class LoadQueue:
-    """Tickets of one slot in arrival order; the first one that started holds the turn."""
+    """Tickets of one slot in arrival order; the first one that started has the turn."""
 
     def __init__(self, slot: str, max_queue: int):
         self.slot = slot

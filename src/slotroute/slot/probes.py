@@ -9,14 +9,14 @@ import psutil
 
 from slotroute.slot.config import ProbeSpec
 
-# Bytes of an HTTP answer read to look for `body_contains`.
+# Bytes of an HTTP response read to look for `body_contains`.
 _MAX_BODY = 64 * 1024
 
 
 class ProbeResult(enum.Enum):
-    # Nothing answers on the port.
+    # Nothing accepts connections on the port.
     REFUSED = "refused"
-    # Something answers and says it is not ready (HTTP 503 "Loading model").
+    # Something responds that it is not ready (HTTP 503 "Loading model").
     NOT_READY = "not ready"
     READY = "ready"
 

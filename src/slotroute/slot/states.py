@@ -18,7 +18,7 @@ class State(enum.Enum):
 
 
 class Reason(enum.Enum):
-    """Why a slot last changed state; the values match the wire enum's suffixes."""
+    """Reason for a slot's last state change; the values match the wire enum's suffixes."""
 
     UNSPECIFIED = "UNSPECIFIED"
     PRELOAD = "PRELOAD"
@@ -37,7 +37,7 @@ class Reason(enum.Enum):
 
 # Legal moves. A process slot goes OFFLINE -> STARTING -> WARMING -> READY and
 # back through DRAINING and UNLOADING. STARTING may skip WARMING when the probe
-# has no "not ready" answer (a TCP probe). ERROR always means no process runs:
+# has no "not ready" result (a TCP probe). ERROR always means no process runs:
 # the supervisor kills the child before it reports ERROR, so ERROR leads only to
 # a new start or to OFFLINE.
 #

@@ -1,7 +1,7 @@
 """Process lifecycle of one slot: launch, probe, watch for exit, stop, restart with backoff.
 
 A Supervisor owns at most one backend process at a time. Its states move only
-through SlotTable.transition, so a task that lost a race (a probe answering
+through SlotTable.transition, so a task that lost a race (a probe response arriving
 after a stop began) sees the swap fail and gives up instead of overwriting.
 
 Invariants:
@@ -52,7 +52,7 @@ _STABLE_AFTER = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """What to run in a slot: the catalog model and the memory reserved for it."""
+    """The catalog model to run in a slot and the memory reserved for it."""
 
     model_id: str
     model_path: str
@@ -458,7 +458,7 @@ class Supervisor:
             await asyncio.wait([self._exit_wait], timeout=min(self.spec.probe.interval, remaining))
 
     async def _watch_ready(self, process: asyncio.subprocess.Process, generation: int, port: int) -> None:
-        """Watch a started backend: exit at once, probe answers at the ready interval."""
+        """Watch a started backend: its exit at once, probe results at the ready interval."""
         assert self._exit_wait is not None
         failures = 0
         while True:
@@ -490,7 +490,7 @@ class Supervisor:
     async def _on_exit(self, process: asyncio.subprocess.Process, generation: int, during_start: bool) -> None:
         """Report an exit that no stop requested.
 
-        The run task calls this at most once per generation.
+        Each generation's run task calls this at most once, then returns.
         """
         if not self._is_current(generation):
             return  # stop() owns the state of a process it is stopping.

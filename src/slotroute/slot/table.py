@@ -175,7 +175,7 @@ class SlotTable:
     ) -> SlotStatus | None:
         """Wait until `predicate(status)` holds; raise TimeoutError after `timeout` seconds.
 
-        The predicate sees None once the slot is removed.
+        The predicate receives None once the slot is removed.
         """
         async with asyncio.timeout(timeout):
             while True:

@@ -48,7 +48,7 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class Opening:
-    """What a new subscriber receives before live events: a snapshot or the missed history."""
+    """The events a new subscriber receives before live ones: a snapshot or the missed history."""
 
     events: list[Event]
     # Set when `events` is a full snapshot; None when it is the missed history.
